@@ -1,0 +1,205 @@
+"""The denoising UNet of Stable Diffusion 1.x and 2.x, readable top to bottom.
+
+Timestep embedding -> input blocks (ResBlock [+ SpatialTransformer], downsample between levels) ->
+middle block -> output blocks (skip concatenation, ResBlock [+ SpatialTransformer], upsample) -> out.
+Module and parameter names match the original checkpoints (input_blocks.N.M, in_layers, emb_layers...).
+"""
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, emb_channels, dropout, out_channels=None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, out_channels=None):
+        super().__init__()
+        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, out_channels=None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x, output_size=None):
+        # Upsampling to the skip connection's size (not blindly x2) lets odd latent sizes through:
+        # a 9-wide latent goes down to 5 and must come back to 9, not 10.
+        if output_size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=output_size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: the time embedding, the text, or the output size."""
+
+    def forward(self, x, emb, context=None, output_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(
+        self,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        channel_mult=(1, 2, 4, 8),
+        dropout=0.0,
+        num_heads=-1,
+        num_head_channels=-1,
+        transformer_depth=1,
+        context_dim=None,
+        use_linear_in_transformer=False,
+        disable_self_attentions=None,
+        disable_middle_self_attn=False,
+        num_classes=None,
+        legacy=True,
+        use_checkpoint=False,
+        use_spatial_transformer=True,
+        image_size=None,  # unused: the originals' configs carry it
+        use_fp16=False,  # ignored: the loader picks the dtype from the device and the user's choice
+        dims=2,
+        **unsupported,
+    ):
+        super().__init__()
+        if unsupported:
+            raise ValueError(f"UNetModel options not supported by this implementation: {sorted(unsupported)}")
+        if not use_spatial_transformer or context_dim is None or dims != 2:
+            raise ValueError("UNetModel here is the text-conditioned 2-D UNet of Stable Diffusion: "
+                             "use_spatial_transformer must be true and context_dim set")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("set either num_heads or num_head_channels")
+        if isinstance(num_res_blocks, int):
+            num_res_blocks = [num_res_blocks] * len(channel_mult)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        time_embed_dim = model_channels * 4
+
+        def attention_heads(channels):
+            if num_head_channels == -1:
+                heads = num_heads
+                head_dim = channels // num_heads
+            else:
+                heads = channels // num_head_channels
+                head_dim = num_head_channels
+            if legacy:  # the original "legacy" layout always splits into num_heads
+                head_dim = channels // num_heads
+            return heads, head_dim
+
+        def transformer(channels, disable_self_attn):
+            heads, head_dim = attention_heads(channels)
+            return SpatialTransformer(channels, heads, head_dim, depth=transformer_depth, dropout=dropout,
+                                      context_dim=context_dim, disable_self_attn=disable_self_attn,
+                                      use_linear=use_linear_in_transformer)
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        if num_classes is not None:
+            # The x4 upscaler feeds its noise level here as a class id.
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        channels, downsample_factor = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            no_self_attn = bool(disable_self_attentions[level]) if disable_self_attentions else False
+            for _ in range(num_res_blocks[level]):
+                layers = [ResBlock(channels, time_embed_dim, dropout, out_channels=mult * model_channels)]
+                channels = mult * model_channels
+                if downsample_factor in attention_resolutions:
+                    layers.append(transformer(channels, no_self_attn))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+                downsample_factor *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(channels, time_embed_dim, dropout),
+            transformer(channels, disable_middle_self_attn),
+            ResBlock(channels, time_embed_dim, dropout),
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            no_self_attn = bool(disable_self_attentions[level]) if disable_self_attentions else False
+            for i in range(num_res_blocks[level] + 1):
+                layers = [ResBlock(channels + skip_channels.pop(), time_embed_dim, dropout, out_channels=model_channels * mult)]
+                channels = model_channels * mult
+                if downsample_factor in attention_resolutions:
+                    layers.append(transformer(channels, no_self_attn))
+                if level and i == num_res_blocks[level]:
+                    layers.append(Upsample(channels))
+                    downsample_factor //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(channels), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        )
+
+    def _run(self, block, *args):
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x, timesteps, context=None, y=None):
+        """x [B, in_channels, H, W], timesteps [B], context [B, tokens, context_dim], y [B] class ids."""
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass y (class ids) exactly when the model is class-conditional (num_classes set)")
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        h = x.to(dtype)
+        context = None if context is None else context.to(dtype)
+
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            next_skip_size = skips[-1].shape[-2:] if skips else None
+            h = self._run(block, h, emb, context, next_skip_size)
+        return self.out(h).type(x.dtype)

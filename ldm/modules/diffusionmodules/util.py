@@ -1,0 +1,77 @@
+"""Schedules and small building blocks shared by the UNet and the diffusion models."""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+    """Float64 numpy betas, computed exactly as the original LDM code does (its checkpoints store them)."""
+    if schedule == "linear":
+        # "linear" is linear in sqrt(beta), not in beta.
+        return (torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2).numpy()
+    if schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * np.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), a_min=0, a_max=0.999)
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).numpy()
+    if schedule == "sqrt":
+        return (torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5).numpy()
+    raise ValueError(f"unknown beta schedule {schedule!r}: use linear, cosine, sqrt_linear or sqrt")
+
+
+def schedule_tensors(betas: np.ndarray) -> dict:
+    """The per-timestep buffers every DDPM-style model registers, as float32 CPU tensors.
+
+    Built on the CPU explicitly so that a model constructed on the meta device still has real schedules.
+    """
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    values = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": np.append(1.0, alphas_cumprod[:-1]),
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+    }
+    return {name: torch.tensor(value, dtype=torch.float32, device="cpu") for name, value in values.items()}
+
+
+def extract_into_tensor(values: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
+    """values[t] reshaped to broadcast over a batch of shape x_shape."""
+    out = values.to(t.device).gather(-1, t)
+    return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim], cos half first, as the original UNet orders it."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in fp32 whatever the activation dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters: residual branches start as the identity, as in the original training."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
