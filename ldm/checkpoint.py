@@ -268,6 +268,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
         config_path = CONFIG_DIR / "v2-inference-v.yaml"
         config = OmegaConf.load(config_path)
         model.parameterization = "v"
+        model.image_size = config.model.params.image_size
     log(f"{report}; config {config_path.name}, {str(dtype).replace('torch.', '')} on {device}")
     return model, config
 

@@ -1,0 +1,93 @@
+"""Which checkpoint, config, device and dtype a run uses, and the loaded model with what scripts need of it."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
+from ldm.generate.errors import UserError
+from ldm.generate.output import model_hash
+
+SD1_DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
+EMBEDDED_MODEL = REPO_ROOT / "models" / "ldm" / "shapes-ldm" / "model.ckpt"
+PRECISIONS = ("full", "autocast", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is available: use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda") from None
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """full: fp32. autocast: fp16 weights under autocast on CUDA; on a CPU, fp32 (CPU autocast gains nothing
+    in fp16). bf16: bf16 weights and activations on either device."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "autocast" and device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
+    """--ckpt as given; without it the SD 1.x default path, or our embedded model when that holds nothing."""
+    if ckpt:
+        return Path(ckpt)
+    if SD1_DEFAULT_CKPT.is_file():
+        return SD1_DEFAULT_CKPT
+    if not EMBEDDED_MODEL.is_file():
+        raise UserError(f"no --ckpt given, nothing at {SD1_DEFAULT_CKPT}, and the embedded model "
+                        f"{EMBEDDED_MODEL} is missing: pass --ckpt PATH")
+    log(f"no checkpoint at {SD1_DEFAULT_CKPT}: using the embedded model {EMBEDDED_MODEL.relative_to(REPO_ROOT)}")
+    return EMBEDDED_MODEL
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: object
+    ckpt_path: Path
+    device: torch.device
+    dtype: torch.dtype
+    latent_channels: int
+    downsampling_factor: int
+    native_size: int
+
+    @property
+    def name(self) -> str:
+        return self.ckpt_path.stem if self.ckpt_path.stem != "model" else self.ckpt_path.parent.name
+
+    @property
+    def hash(self) -> str:
+        if not hasattr(self, "_hash"):
+            self._hash = model_hash(self.ckpt_path)
+        return self._hash
+
+    @property
+    def watermark_text(self) -> str | None:
+        """What the originals embed: "SDV2" for SD 2.x (OpenCLIP), "StableDiffusionV1" for SD 1.x (CLIP)."""
+        encoder = type(self.model.cond_stage_model).__name__
+        return {"FrozenOpenCLIPEmbedder": "SDV2", "FrozenCLIPEmbedder": "StableDiffusionV1"}.get(encoder)
+
+    def autocast(self):
+        """fp16 autocast on CUDA (as the originals' --precision autocast); a no-op elsewhere."""
+        enabled = self.device.type == "cuda" and self.dtype == torch.float16
+        return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
+
+
+def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print) -> LoadedModel:
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(precision, device)
+    ckpt_path = resolve_checkpoint(ckpt, log)
+    try:
+        model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log)
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    factor = model.first_stage_model.downsampling_factor
+    return LoadedModel(model, model_config, ckpt_path, device, dtype, latent_channels=model.channels,
+                       downsampling_factor=factor, native_size=model.image_size * factor)

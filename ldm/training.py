@@ -1,0 +1,413 @@
+"""Training any of our models with PyTorch Lightning (the role of the original `main.py`).
+
+The model classes are plain nn.Modules so that inference never imports Lightning; here they are wrapped:
+
+- `TrainingWrapper`: training_step -> `model.training_loss(batch)`, AdamW over the model's trainable
+  parameters, optional `LambdaLinearScheduler` warm-up, EMA update after every batch. Checkpoints are
+  written in the original format, `{"state_dict": <the model's own keys>, "global_step": N, ...}`
+  (Lightning's optimizer and loop state ride along, so `--resume` continues exactly).
+- `DataModuleFromConfig`: the config's `data:` section (batch_size, num_workers, train dataset).
+- `SampleGridLogger`: every N steps a PNG grid (samples, or reconstructions for an autoencoder) with
+  its captions in a text file beside it.
+- `train(...)`: everything `scripts/train.py` does: configs, log dir, resume, fit, export.
+
+A training config is a model config plus two optional sections:
+
+    data:      {target: ldm.training.DataModuleFromConfig, params: {batch_size, num_workers, train: {...}}}
+    training:  first_stage_ckpt (autoencoder weights for a LatentDiffusion), sample_every_n_steps,
+               sample_prompts, guidance_scale, sample_steps, checkpoint_every_n_steps, log_every_n_steps
+"""
+import datetime
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.checkpoint import read_checkpoint
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.util import count_params, instantiate_from_config
+
+WRAPPER_PREFIX = "model."  # the wrapper holds the model as `self.model`
+LAST_CHECKPOINT = "last.ckpt"
+
+
+# --- the LightningModule ------------------------------------------------------------------------------
+def trainable_parameters(model):
+    if hasattr(model, "trainable_parameters"):
+        return model.trainable_parameters()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class TrainingWrapper(pl.LightningModule):
+    """Trains `model` (anything with `training_loss(batch) -> (loss, logs)`) with AdamW."""
+
+    def __init__(self, model, learning_rate, scheduler_config=None, weight_decay=0.0):
+        super().__init__()
+        self.model = model
+        self.learning_rate = learning_rate
+        self.scheduler_config = scheduler_config
+        self.weight_decay = weight_decay
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.model.training_loss(batch)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()}, prog_bar=False, on_step=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        update_ema = getattr(self.model, "update_ema", None)
+        if update_ema is not None:
+            update_ema()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=self.learning_rate,
+                                      weight_decay=self.weight_decay)
+        if not self.scheduler_config:
+            return optimizer
+        schedule = instantiate_from_config(self.scheduler_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # Checkpoints hold the model's own keys, as the original checkpoints do, so that every loader reads them.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {key[len(WRAPPER_PREFIX):]: value for key, value in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {WRAPPER_PREFIX + key: value for key, value in checkpoint["state_dict"].items()}
+
+
+@contextmanager
+def ema_weights(model):
+    """Temporarily put the EMA weights into `model.model` (for sample grids); a no-op without EMA."""
+    ema = getattr(model, "model_ema", None) if getattr(model, "use_ema", False) else None
+    if ema is None:
+        yield
+        return
+    saved = {name: p.detach().clone() for name, p in model.model.named_parameters()}
+    ema.copy_to(model.model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in model.model.named_parameters():
+                p.copy_(saved[name])
+
+
+# --- data ---------------------------------------------------------------------------------------------
+class DataModuleFromConfig(pl.LightningDataModule):
+    def __init__(self, batch_size, train, num_workers=1, shuffle=True):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_config = train
+        self.shuffle = shuffle
+
+    def setup(self, stage=None):
+        self.train_dataset = instantiate_from_config(self.train_config)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers,
+            drop_last=True, persistent_workers=self.num_workers > 0, collate_fn=collate_without_attrs)
+
+
+def collate_without_attrs(items):
+    """The default collation, less the datasets' `attrs` dicts (ground truth for evaluation, not training)."""
+    return torch.utils.data.default_collate([{k: v for k, v in item.items() if k != "attrs"} for item in items])
+
+
+# --- sample grids -------------------------------------------------------------------------------------
+def save_grid(images: torch.Tensor, path: Path, columns: int, captions=None):
+    """BCHW images in [-1, 1] as one PNG, rows of `columns`; the captions go to <path>.txt, one a line."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    count, channels, height, width = images.shape
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (height + 2), columns * (width + 2), channels), 255, dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = row * (height + 2) + 1, column * (width + 2) + 1
+        grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if channels == 1 else grid).save(path)
+    if captions is not None:
+        path.with_suffix(".txt").write_text("".join(f"{i}: {caption}\n" for i, caption in enumerate(captions)))
+
+
+@torch.no_grad()
+def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0):
+    """Text-to-image with the shared DDIM sampler and classifier-free guidance; BCHW in [-1, 1]."""
+    cond = model.get_learned_conditioning(list(prompts))
+    uncond = model.get_learned_conditioning([""] * len(prompts)) if guidance_scale != 1.0 else None
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (len(prompts), model.channels, model.image_size, model.image_size)
+    x = torch.randn(shape, generator=generator).to(cond.device, cond.dtype)
+    try:
+        from ldm.models.diffusion.sampling import GuidedDenoiser, sample
+    except ImportError:  # the shared sampler is still being written
+        z = _interim_ddim(model, cond, uncond, guidance_scale, x, steps)
+    else:
+        denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale)
+        z = sample("ddim", denoiser, x, steps, eta=eta, generator=generator)
+    return model.decode_first_stage(z)
+
+
+def _interim_ddim(model, cond, uncond, scale, x, steps):
+    """Deterministic DDIM (eta = 0) with guidance, until ldm.models.diffusion.sampling exists."""
+    alphas = model.alphas_cumprod.float()
+    timesteps = list(range(0, model.num_timesteps, model.num_timesteps // steps))[::-1]
+    for i, t in enumerate(timesteps):
+        a_t = alphas[t]
+        a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
+        eps = model.apply_model(x, t_batch, cond)
+        if uncond is not None:
+            eps_uncond = model.apply_model(x, t_batch, uncond)
+            eps = eps_uncond + scale * (eps - eps_uncond)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+class SampleGridLogger(pl.Callback):
+    """Every `every_n_steps` (and at the end): samples of the prompts (LatentDiffusion, EMA weights) or
+    reconstructions of a fixed batch (autoencoder) under <logdir>/images/step-NNNNNN.png."""
+
+    def __init__(self, image_dir, every_n_steps, prompts=(), guidance_scale=5.0, steps=50, reconstruct=8):
+        self.image_dir = Path(image_dir)
+        self.every_n_steps = every_n_steps
+        self.prompts = list(prompts)
+        self.guidance_scale = guidance_scale
+        self.steps = steps
+        self.reconstruct = reconstruct
+        self.last_logged_step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.log_grid(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer, pl_module):
+        self.log_grid(trainer, pl_module, None)
+
+    @rank_zero_only
+    def log_grid(self, trainer, pl_module, batch):
+        step = trainer.global_step
+        if step == self.last_logged_step:
+            return
+        self.last_logged_step = step
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        path = self.image_dir / f"step-{step:06d}.png"
+        try:
+            if isinstance(model, LatentDiffusion) and self.prompts:
+                with ema_weights(model):
+                    images = sample_images(model, self.prompts, self.steps, self.guidance_scale)
+                save_grid(images, path, columns=min(len(self.prompts), 8), captions=self.prompts)
+            elif isinstance(model, AutoencoderKL) and batch is not None:
+                with torch.no_grad():
+                    inputs = model.get_input(batch)[:self.reconstruct]
+                    reconstructions, _ = model(inputs, sample_posterior=False)
+                save_grid(torch.cat([inputs, reconstructions]), path, columns=len(inputs),
+                          captions=["top row: inputs, bottom row: reconstructions"])
+        finally:
+            model.train(was_training)
+
+
+class ProgressPrinter(pl.Callback):
+    """One line every `every_n_steps`: step, loss, steps/s since the last line (for logs of background runs)."""
+
+    def __init__(self, every_n_steps):
+        self.every_n_steps = every_n_steps
+        self.start = self.last_time = None
+        self.last_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.last_time = time.perf_counter()
+        self.last_step = trainer.global_step
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        print(f"step {step} loss {loss:.4f} lr {lr:.3g} {rate:.2f} steps/s elapsed {(now - self.start) / 60:.1f} min",
+              flush=True)
+        self.last_time, self.last_step = now, step
+
+
+# --- configs, the first stage, export -------------------------------------------------------------------
+def load_configs(paths, dotlist=()):
+    """The configs merged left to right (later files override earlier ones), then `key=value` overrides."""
+    return OmegaConf.merge(*[OmegaConf.load(path) for path in paths], OmegaConf.from_dotlist(list(dotlist)))
+
+
+def load_first_stage(model: LatentDiffusion, ckpt_path):
+    """Put trained autoencoder weights into a LatentDiffusion: from an autoencoder checkpoint (ours or an
+    original one) or from the first_stage_model.* part of a latent-diffusion checkpoint."""
+    state_dict, _ = read_checkpoint(ckpt_path)
+    prefix = "first_stage_model."
+    if any(key.startswith(prefix) for key in state_dict):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    # The discriminator and LPIPS weights of the originals' training loss are not part of the autoencoder.
+    state_dict = {key: value.float() for key, value in state_dict.items() if not key.startswith("loss.")}
+    model.first_stage_model.load_state_dict(state_dict, strict=True)
+    print(f"first stage: loaded {len(state_dict)} tensors from {ckpt_path}")
+
+
+def inference_state_dict(model) -> dict:
+    """The model's weights for inference: EMA weights (when kept) in place of the raw ones, no EMA copies."""
+    state_dict = model.state_dict()
+    ema = getattr(model, "model_ema", None) if getattr(model, "use_ema", False) else None
+    if ema is not None:
+        shadows = dict(ema.named_buffers())
+        for name, shadow_name in ema.shadow_names.items():
+            state_dict["model." + name] = shadows[shadow_name]
+    return {key: value for key, value in state_dict.items() if not key.startswith("model_ema.")}
+
+
+def export_model(model, model_config, path, global_step):
+    """A small fp16 checkpoint in the original format, with its config (use_ema off) beside it as <path>.yaml."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {key: (value.half() if value.is_floating_point() else value).detach().cpu().clone()
+                  for key, value in inference_state_dict(model).items()}
+    torch.save({"state_dict": state_dict, "global_step": int(global_step)}, path)
+    config = OmegaConf.create({"model": OmegaConf.to_container(model_config, resolve=True)})
+    if "use_ema" in config.model.get("params", {}):
+        config.model.params.use_ema = False
+    OmegaConf.save(config, path.with_suffix(".yaml"))
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, step {global_step}) and {path.with_suffix('.yaml').name}")
+
+
+@torch.no_grad()
+def measure_latent_std(autoencoder: AutoencoderKL, dataset, count=512, batch_size=64) -> float:
+    """The std of sampled latents over `count` images: a LatentDiffusion's scale_factor is its inverse
+    (what the originals' scale_by_std measured on the first batch)."""
+    was_training = autoencoder.training
+    autoencoder.eval()
+    latents = []
+    for start in range(0, count, batch_size):
+        batch = collate_without_attrs([dataset[i] for i in range(start, min(start + batch_size, count))])
+        latents.append(autoencoder.encode(autoencoder.get_input(batch)).sample().flatten())
+    autoencoder.train(was_training)
+    return torch.cat(latents).std().item()
+
+
+# --- a training run -----------------------------------------------------------------------------------
+def resolve_resume(resume) -> tuple[Path, Path]:
+    """(log dir, checkpoint) from --resume given a log dir or a checkpoint inside <logdir>/checkpoints."""
+    resume = Path(resume)
+    if resume.is_dir():
+        return resume, resume / "checkpoints" / LAST_CHECKPOINT
+    if not resume.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint or log dir")
+    logdir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+    return logdir, resume
+
+
+def learning_rate(config, batch_size, devices, num_nodes, scale_lr):
+    """base_learning_rate from the model config; with scale_lr, times the global batch size
+    (batch_size x devices x nodes), as the originals' main.py did by default."""
+    base = config.model.get("base_learning_rate", 1e-4)
+    if not scale_lr:
+        return base
+    return base * batch_size * devices * num_nodes
+
+
+def device_count(devices):
+    if isinstance(devices, int):
+        return max(devices, 1)
+    if str(devices).isdigit():
+        return max(int(devices), 1)
+    return 1 if devices == "auto" else len(str(devices).strip(",").split(","))
+
+
+def train(options):
+    """Everything `scripts/train.py` does; `options` carries its arguments (see that script's --help)."""
+    if options.resume:
+        logdir, resume_ckpt = resolve_resume(options.resume)
+        bases = sorted((logdir / "configs").glob("*.yaml")) + list(options.base or [])
+    else:
+        if not options.base:
+            raise ValueError("give --base CONFIG (or --resume LOGDIR)")
+        stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+        name = options.name or Path(options.base[-1]).stem
+        logdir, resume_ckpt = Path(options.logdir) / f"{stamp}_{name}", None
+        bases = list(options.base)
+    config = load_configs(bases, options.overrides)
+    data_config = config.data
+    if options.batch_size:
+        data_config.params.batch_size = options.batch_size
+    if options.num_workers is not None:
+        data_config.params.num_workers = options.num_workers
+    training_config = config.get("training", OmegaConf.create())
+    pl.seed_everything(options.seed, workers=True)
+
+    model = instantiate_from_config(config.model)
+    print(f"{config.model.target}: {count_params(model) / 1e6:.2f} M parameters, "
+          f"{sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f} M trained")
+    first_stage_ckpt = options.first_stage_ckpt or training_config.get("first_stage_ckpt")
+    if isinstance(model, LatentDiffusion) and resume_ckpt is None:
+        if first_stage_ckpt:
+            load_first_stage(model, first_stage_ckpt)
+        else:
+            print("WARNING: no first_stage_ckpt: the autoencoder keeps its random weights")
+
+    devices = device_count(options.devices)
+    lr = learning_rate(config, data_config.params.batch_size, devices, options.num_nodes, options.scale_lr)
+    print(f"learning rate {lr:.3g} (batch {data_config.params.batch_size} x {devices} devices x {options.num_nodes} nodes,"
+          f" scale_lr={options.scale_lr})")
+    wrapper = TrainingWrapper(model, lr, scheduler_config=getattr(model, "scheduler_config", None))
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0 and resume_ckpt is None:
+        (logdir / "configs").mkdir(exist_ok=True)
+        OmegaConf.save(config, logdir / "configs" / "project.yaml")
+    every = training_config.get("checkpoint_every_n_steps", 500)
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(dirpath=logdir / "checkpoints", filename="step-{step:06d}", save_last=True,
+                                     every_n_train_steps=every, auto_insert_metric_name=False),
+        SampleGridLogger(logdir / "images", training_config.get("sample_every_n_steps", 500),
+                         prompts=training_config.get("sample_prompts", ()),
+                         guidance_scale=training_config.get("guidance_scale", 5.0),
+                         steps=training_config.get("sample_steps", 50)),
+        ProgressPrinter(training_config.get("print_every_n_steps", 50)),
+    ]
+    trainer = pl.Trainer(
+        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes, strategy=options.strategy,
+        precision=options.precision, max_steps=options.max_steps,
+        max_time=datetime.timedelta(minutes=options.max_minutes) if options.max_minutes else None,
+        logger=CSVLogger(logdir, name="", version=""), callbacks=callbacks, default_root_dir=logdir,
+        log_every_n_steps=training_config.get("log_every_n_steps", 10), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    datamodule = instantiate_from_config(data_config)
+    started = time.perf_counter()
+    trainer.fit(wrapper, datamodule=datamodule, ckpt_path=resume_ckpt)
+    minutes = (time.perf_counter() - started) / 60
+    trainer.save_checkpoint(logdir / "checkpoints" / LAST_CHECKPOINT)
+    print(f"trained to step {trainer.global_step} in {minutes:.1f} min; log dir {logdir}")
+
+    if rank_zero_only.rank == 0:
+        if isinstance(model, AutoencoderKL):
+            std = measure_latent_std(model, datamodule.train_dataset)
+            message = f"latent std {std:.4f}: set scale_factor: {1 / std:.4f} in the latent-diffusion config"
+            (logdir / "latent_std.txt").write_text(message + "\n")
+            print(message)
+        if options.export:
+            export_model(model, config.model, options.export, trainer.global_step)
+    return logdir, trainer

@@ -1,0 +1,58 @@
+"""Train an autoencoder or a latent diffusion model from a config (the role of the original main.py).
+
+    python scripts/train.py --base configs/autoencoder/shapes-kl-f4.yaml --max_minutes 20
+    python scripts/train.py --base configs/latent-diffusion/shapes-ldm.yaml --first_stage_ckpt AE.ckpt \
+        --export models/ldm/shapes-ldm/model.ckpt
+    python scripts/train.py --resume logs/<run>            # continues from logs/<run>/checkpoints/last.ckpt
+
+Logs (metrics.csv, configs/, checkpoints/, images/) go to <logdir>/<time>_<config name>/.
+The logic lives in ldm.training; this file only reads the command line.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", nargs="*", default=[], metavar="CONFIG",
+                        help="config files, merged left to right (later ones override earlier ones)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set model.base_learning_rate=2e-4 data.params.train.params.size=64")
+    parser.add_argument("--resume", help="a log dir or a checkpoint in one: continue that run (configs included)")
+    parser.add_argument("--logdir", default="logs")
+    parser.add_argument("--name", help="run name (default: the last config's file name)")
+    parser.add_argument("--max_steps", type=int, default=-1, help="total optimizer steps (-1: no limit)")
+    parser.add_argument("--max_minutes", type=float, help="stop after this much training time")
+    parser.add_argument("--batch_size", type=int, help="per-device batch size (default: the config's)")
+    parser.add_argument("--num_workers", type=int, help="data loader workers (default: the config's)")
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="learning rate = base_learning_rate x global batch size (the originals' default); "
+                             "without it the config's base_learning_rate is used as is")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"],
+                        help="32 (default: measured faster than bf16 autocast for our small models on CPU)")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="auto", help="number of devices or a list like 0,1")
+    parser.add_argument("--num_nodes", type=int, default=1)
+    parser.add_argument("--strategy", default="auto", help="e.g. ddp (Lightning strategies)")
+    parser.add_argument("--seed", type=int, default=23)
+    parser.add_argument("--first_stage_ckpt",
+                        help="trained autoencoder weights for a latent-diffusion config (or training.first_stage_ckpt)")
+    parser.add_argument("--export", metavar="PATH",
+                        help="write the final (EMA) weights as a small fp16 checkpoint, its config as PATH.yaml beside")
+    options = parser.parse_args(argv)
+    if options.devices.isdigit():
+        options.devices = int(options.devices)
+    return options
+
+
+def main(argv=None):
+    from ldm.training import train
+
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

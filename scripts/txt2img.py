@@ -1,0 +1,66 @@
+"""Text to image, with the CompVis command line (and the Stability spellings): see --help and the README."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ldm.generate import loading, options  # noqa: E402
+from ldm.generate.output import OutputFolder  # noqa: E402
+from ldm.generate.progress import StopFlag  # noqa: E402
+from ldm.generate.prompts import prompt_batches  # noqa: E402
+from ldm.generate.txt2img import Txt2ImgJob, run_txt2img  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = options.OneLineParser(description=__doc__)
+    options.add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2)
+    parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
+    parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    parser.add_argument("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD)")
+    parser.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD)")
+    parser.add_argument("--laion400m", action="store_true", help=argparse.SUPPRESS)
+    options.add_output_arguments(parser, "outputs/txt2img-samples")
+    options.add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.laion400m:
+        raise options.UserError("--laion400m (the old LDM text-to-image model) is not supported: pass --ckpt and --config")
+    options.check_sampling_arguments(args)
+    sampler = options.chosen_sampler(args)
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None:
+            options.check_dimension(flag, value)
+    batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
+    folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
+    folder.check_writable()
+
+    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema)
+    for flag, given, actual in (("--C", args.C, loaded.latent_channels), ("--f", args.f, loaded.downsampling_factor)):
+        if given is not None and given != actual:
+            raise options.UserError(f"{flag} {given} does not match the model ({actual}): drop {flag}")
+    height, width = args.H or loaded.native_size, args.W or loaded.native_size
+    options.check_dimension("--H", height, max(8, loaded.downsampling_factor))
+    options.check_dimension("--W", width, max(8, loaded.downsampling_factor))
+
+    job = Txt2ImgJob(
+        batches=batches, negative_prompt=args.negative_prompt, n_iter=args.n_iter, steps=args.ddim_steps,
+        sampler=sampler, scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
+        fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid, watermark=not args.no_watermark,
+    )
+    with StopFlag().catching_sigint() as stop:
+        report = run_txt2img(job, loaded, folder, stop=stop)
+    where = f"{len(report.saved)} images in {folder.samples}" if folder.save_samples else "no single images (--skip_save)"
+    grid = f", grid {report.grid}" if report.grid else ""
+    if report.interrupted:
+        print(f"interrupted at {report.interrupted}: kept {where}{grid}", file=sys.stderr)
+        return 130
+    print(f"done: {where}{grid}" + (f"; {len(report.failed)} failed" if report.failed else ""))
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    options.run_cli(main)

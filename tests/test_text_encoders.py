@@ -1,0 +1,252 @@
+"""Text encoders: checkpoint layout, numeric parity with transformers/diffusers, trainability.
+
+The parity tests build the full-size towers with random weights (seeded) and compare, in fp32, with
+transformers' CLIPTextModel loaded through diffusers' own conversion of the original checkpoint keys;
+diffusers' conversion is known to match the original CompVis / Stability code (see
+shared/reference/diffusers-offline.md). No hub access.
+"""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ldm.modules.encoders.modules import (  # noqa: E402
+    LEGACY_POSITION_IDS_KEY,
+    BPETextTransformer,
+    FrozenCLIPEmbedder,
+    FrozenOpenCLIPEmbedder,
+    ResidualAttentionBlock,
+)
+from ldm.modules.encoders.tokenizer import SD1_PAD_TOKEN, SD2_PAD_TOKEN, tokenize  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "",
+    "(masterpiece, best quality), 1girl, a very long prompt " * 8,
+]
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def reference_path(*parts: str) -> str:
+    """A file of shared/reference/, beside the checkout (as in CI) or inside it; skips if absent."""
+    for shared in (os.path.join(HERE, os.pardir, os.pardir, "shared"), os.path.join(HERE, os.pardir, "shared")):
+        path = os.path.join(shared, "reference", *parts)
+        if os.path.exists(path):
+            return path
+    pytest.skip(f"shared/reference/{'/'.join(parts)} not found")
+
+
+def reference_keys(layout: str, prefix: str = "cond_stage_model.") -> dict[str, tuple[list[int], str]]:
+    """{key without prefix: (shape, kind)} from shared/reference/keys/<layout>.tsv."""
+    path = reference_path("keys", f"{layout}.tsv")
+    keys = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            key, shape, _dtype, kind = line.rstrip("\n").split("\t")
+            if key.startswith(prefix):
+                keys[key[len(prefix) :]] = (json.loads(shape), kind)
+    return keys
+
+
+def randomise_(module: nn.Module, seed: int) -> None:
+    """Seeded random weights: LayerNorm weights (the only 1-D weights) near 1, the rest small."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1 and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.02 * noise)
+
+
+def build_random(encoder_class, seed: int, **kwargs) -> nn.Module:
+    """Full-size encoder with seeded random weights, skipping the default initialisation (slow)."""
+    with torch.device("meta"):
+        encoder = encoder_class(**kwargs)
+    encoder.to_empty(device="cpu")
+    randomise_(encoder, seed)
+    return encoder
+
+
+def build_reference_clip(checkpoint_text_model: dict, **config) -> nn.Module:
+    """transformers' CLIPTextModel with the given weights (keys as diffusers' conversion gives them)."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)
+    with init_empty_weights():  # parameters on meta, buffers (position_ids) real
+        model = CLIPTextModel(config)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6: flat, no "text_model." level
+        checkpoint_text_model = {k.removeprefix("text_model."): v for k, v in checkpoint_text_model.items()}
+    model.load_state_dict(checkpoint_text_model, strict=True, assign=True)
+    return model.eval()
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint layout
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoder_class, layout", [(FrozenCLIPEmbedder, "v1"), (FrozenOpenCLIPEmbedder, "v2v")])
+def test_state_dict_matches_the_original_checkpoint(encoder_class, layout):
+    with torch.device("meta"):
+        encoder = encoder_class()
+    expected = {k: shape for k, (shape, kind) in reference_keys(layout).items() if kind != "extra(legacy,not-in-model)"}
+    ours = {k: list(v.shape) for k, v in encoder.state_dict().items()}
+    assert ours == expected
+    assert not any(p.requires_grad for p in encoder.parameters())  # freeze=True by default
+
+
+def test_sd1_checkpoint_with_legacy_position_ids_loads_strictly():
+    with torch.device("meta"):
+        encoder = FrozenCLIPEmbedder()
+        checkpoint = dict(encoder.state_dict())
+        checkpoint[LEGACY_POSITION_IDS_KEY] = torch.zeros(1, 77, dtype=torch.long)
+    assert LEGACY_POSITION_IDS_KEY in reference_keys("v1")
+    encoder.load_state_dict(checkpoint, strict=True, assign=True)
+
+
+@pytest.mark.parametrize(
+    "config_name, encoder_class",
+    [
+        ("compvis-v1-inference.yaml", FrozenCLIPEmbedder),
+        ("stability-v2-inference-v.yaml", FrozenOpenCLIPEmbedder),
+        ("stability-x4-upscaling.yaml", FrozenOpenCLIPEmbedder),
+    ],
+)
+def test_original_yaml_cond_stage_config_instantiates_ours(config_name, encoder_class):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    cond_stage = OmegaConf.load(reference_path("original-configs", config_name)).model.params.cond_stage_config
+    module_name, class_name = cond_stage.target.rsplit(".", 1)
+    with torch.device("meta"):
+        encoder = getattr(importlib.import_module(module_name), class_name)(**cond_stage.get("params", {}))
+    assert type(encoder) is encoder_class
+    if encoder_class is FrozenOpenCLIPEmbedder:
+        assert encoder.n_blocks == 23  # every SD 2.x config asks for the penultimate layer
+
+
+def test_original_layer_options():
+    with torch.device("meta"):
+        assert FrozenOpenCLIPEmbedder(layer="penultimate").n_blocks == 23
+        assert FrozenOpenCLIPEmbedder(arch="ViT-bigG-14").n_blocks == 32
+        with pytest.raises(ValueError):
+            FrozenCLIPEmbedder(layer="hidden")  # needs layer_idx
+        with pytest.raises(ValueError):
+            FrozenOpenCLIPEmbedder(layer="hidden")
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric parity, full size, random weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sd1_clip_matches_transformers_via_diffusers_conversion():
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    torch.manual_seed(0)
+    ours = build_random(FrozenCLIPEmbedder, seed=1).eval()
+    checkpoint = {"cond_stage_model." + k: v for k, v in ours.state_dict().items()}
+    reference = build_reference_clip(
+        convert_ldm_clip_checkpoint(checkpoint),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+    tokens, lengths = tokenize(PROMPTS, SD1_PAD_TOKEN)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, output_hidden_states=True)
+
+        assert relative_error(ours(PROMPTS), expected.last_hidden_state) < MAX_RELATIVE_ERROR
+        assert ours.last_token_counts == lengths and lengths[2] > 77
+
+        ours.layer, ours.layer_idx = "hidden", -2  # CLIP skip 2
+        assert relative_error(ours(PROMPTS), expected.hidden_states[-2]) < MAX_RELATIVE_ERROR
+
+        ours.layer = "pooled"
+        assert relative_error(ours(PROMPTS), expected.pooler_output[:, None]) < MAX_RELATIVE_ERROR
+
+
+def test_sd2_open_clip_penultimate_matches_23_layer_transformers_clip():
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    torch.manual_seed(0)
+    ours = build_random(FrozenOpenCLIPEmbedder, seed=2, layer="penultimate").eval()
+    checkpoint = {"cond_stage_model." + k: v for k, v in ours.state_dict().items()}
+
+    class ConfigOnly:  # convert_open_clip_checkpoint reads only text_model.config.hidden_size
+        class config:
+            hidden_size = 1024
+
+    converted = convert_open_clip_checkpoint(ConfigOnly, checkpoint)
+    # diffusers leaves text_projection out for SD 2.x (the 23-layer text model has no projection).
+    converted.pop("text_projection.weight", None)
+    reference = build_reference_clip(
+        converted,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+    )
+    tokens, lengths = tokenize(PROMPTS, SD2_PAD_TOKEN)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).last_hidden_state
+        assert relative_error(ours(PROMPTS), expected) < MAX_RELATIVE_ERROR
+    assert ours.last_token_counts == lengths
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_residual_block_attention_is_nn_multihead_attention(causal):
+    """Our packed-q/k/v attention reads OpenCLIP's nn.MultiheadAttention weights the same way."""
+    torch.manual_seed(0)
+    width, heads, length = 64, 4, 9
+    block = ResidualAttentionBlock(width, heads)
+    randomise_(block, seed=3)
+    reference = nn.MultiheadAttention(width, heads, batch_first=True)
+    reference.load_state_dict(block.attn.state_dict())
+    x = torch.randn(2, length, width)
+    mask = torch.triu(torch.full((length, length), float("-inf")), diagonal=1) if causal else None
+    with torch.no_grad():
+        expected = reference(x, x, x, attn_mask=mask, need_weights=False)[0]
+        assert relative_error(block.attn(x, causal), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Our own trainable encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bpe_text_transformer_shape_and_gradients():
+    torch.manual_seed(0)
+    encoder = BPETextTransformer(n_embed=64, n_layer=2, n_head=4, token_dim=16)
+    prompts = ["a red cube", "two blue spheres on a table"]
+    context = encoder.encode(prompts)
+    assert context.shape == (2, 77, 64)
+    assert encoder.last_token_counts == tokenize(prompts, SD1_PAD_TOKEN)[1]
+
+    context.pow(2).mean().backward()
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_bpe_text_transformer_default_size_stays_small():
+    encoder = BPETextTransformer()
+    assert encoder(["a cat"]).shape == (1, 77, 256)
+    assert sum(p.numel() for p in encoder.parameters()) < 8_000_000
