@@ -59,8 +59,8 @@ class TrainingWrapper(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.model.training_loss(batch)
-        self.log_dict({f"train/{name}": value for name, value in logs.items()}, prog_bar=False, on_step=True)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True)
+        logs = {**logs, "loss": loss.detach()}
+        self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
 

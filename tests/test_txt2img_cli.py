@@ -138,8 +138,8 @@ def test_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path, case):
 
 def test_ctrl_c_keeps_finished_images_and_exits_nonzero(ckpt, tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, quick(ckpt, out)), "--ddim_steps", 40,
-                                "--n_samples", 1, "--n_iter", 50], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, quick(ckpt, out)), "--ddim_steps", "40",
+                                "--n_samples", "1", "--n_iter", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
     while not (out / "samples" / "00000.png").exists():
         assert time.time() < deadline and process.poll() is None, process.communicate()

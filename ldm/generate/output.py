@@ -21,7 +21,7 @@ def to_uint8_images(decoded: torch.Tensor) -> list[np.ndarray]:
 
     Truncation, not rounding, as the originals convert: the same latents give the same files.
     """
-    x = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    x = torch.clamp((torch.nan_to_num(decoded.float()) + 1.0) / 2.0, min=0.0, max=1.0)
     return list((255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8))
 
 
@@ -146,6 +146,7 @@ class OutputFolder:
                                 "pass --outdir with a writable folder") from None
 
     def _save(self, folder: Path, pattern: re.Pattern, name_format: str, image: np.ndarray, text: str | None) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
         png = PngImagePlugin.PngInfo()
         if text:
             png.add_text("parameters", text)

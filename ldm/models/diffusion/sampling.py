@@ -1,0 +1,294 @@
+"""Samplers for the reverse diffusion (DDIM, PLMS, DPM-Solver++) as short functions over a denoiser.
+
+A *denoiser* is any callable `(x, t) -> (eps, x0)` with a `.schedule` (a `Schedule`): given the noisy
+latent x at model timestep t it predicts the noise and the clean latent. `GuidedDenoiser` makes one from
+a LatentDiffusion model and its conditioning, classifier-free guidance included, so the samplers never
+see the model, its parameterisation (eps, v, x0) or its dtype, and every sampler is right for v-models.
+
+The step rules are those of the original CompVis / Stability samplers, so the same start noise gives
+the same image; where ours differ on purpose, the function says so. Two hooks, shared by all samplers:
+- callback(info) after every step, info = {"i", "total", "t", "x", "x0"}. An exception raised in it
+  propagates: that is how a caller interrupts a run.
+- blend(x, t) -> x once per step, before the step's model evaluation, with that step's x and timestep:
+  inpainting pastes the known region noised to t there (the originals' mask/x0 blend).
+"""
+import math
+
+import numpy as np
+import torch
+
+SAMPLERS = ("ddim", "plms", "dpm")
+
+
+class Schedule:
+    """x_t = alpha(t)·x0 + sigma(t)·eps for a discrete-time model, computed in float64.
+
+    Model timesteps t are floats in [0, N-1]; between the discrete steps log alpha is interpolated
+    linearly. That is DPM-Solver's discrete NoiseScheduleVP, whose continuous time s in [1/N, 1] is model
+    time t = (s - 1/N)·N. Methods take a number or a tensor of timesteps and return float64 tensors.
+    """
+
+    def __init__(self, alphas_cumprod):
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+        self.num_timesteps = len(self.alphas_cumprod)
+        self._log_alphas = 0.5 * torch.log(self.alphas_cumprod)
+
+    def log_alpha(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64).cpu()
+        lower = t.floor().clamp(0, self.num_timesteps - 2)
+        index = lower.long()
+        return torch.lerp(self._log_alphas[index], self._log_alphas[index + 1], t - lower)
+
+    def alpha(self, t):
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t):
+        return (-torch.expm1(2 * self.log_alpha(t))).sqrt()
+
+    def lambda_(self, t):
+        """Half the log signal-to-noise ratio, log(alpha / sigma): DPM-Solver's time variable."""
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
+
+    def ddim_timesteps(self, steps) -> np.ndarray:
+        """The originals' DDIM timesteps, ascending: range(0, N, N // steps) + 1.
+
+        As in the originals, the list is longer than `steps` when N // steps does not divide N (30 steps
+        walk 31 timesteps, from 991); their images were made that way. Where the list would reach t = N
+        (3, 9, 27 ... or more than N/2 steps), the originals crash with an index error; that one
+        out-of-range entry is left out here, which gives diffusers' "leading" spacing.
+        """
+        n = self.num_timesteps
+        if not (isinstance(steps, (int, np.integer)) and 1 <= steps <= n):
+            raise ValueError(f"the number of sampling steps must be an integer in 1..{n}, not {steps!r}")
+        timesteps = np.arange(0, n, n // steps) + 1
+        return timesteps[timesteps < n]
+
+
+def noise_to_step(schedule, x0, t, noise):
+    """x0 diffused to timestep t (a number, or one per sample): alpha(t)·x0 + sigma(t)·noise.
+
+    `schedule` is a Schedule or an alphas_cumprod tensor; img2img's stochastic encode and the inpainting
+    blend use it.
+    """
+    schedule = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    per_sample = (-1,) + (1,) * (x0.ndim - 1) if alpha.ndim else ()
+    return alpha.reshape(per_sample).to(x0) * x0 + sigma.reshape(per_sample).to(x0) * noise
+
+
+# --- the one guidance wrapper ---------------------------------------------------------------------------------
+def _concat_conditioning(first, second):
+    """Concatenate two conditionings along the batch: tensors, lists of tensors, or dicts of those."""
+    if isinstance(first, dict):
+        return {key: _concat_conditioning(first[key], second[key]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return [_concat_conditioning(a, b) for a, b in zip(first, second)]
+    return torch.cat([first, second])
+
+
+def _cast_conditioning(cond, dtype):
+    if isinstance(cond, dict):
+        return {key: _cast_conditioning(value, dtype) for key, value in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return [_cast_conditioning(value, dtype) for value in cond]
+    return cond.to(dtype) if torch.is_tensor(cond) and cond.is_floating_point() else cond
+
+
+class GuidedDenoiser:
+    """A LatentDiffusion model with classifier-free guidance, as a denoiser (x, t) -> (eps, x0) in float32.
+
+    One batched apply_model call per evaluation, over [uncond, cond] (the originals' order); the
+    unconditional half is skipped entirely when scale == 1 or uncond is None. Guidance is applied to the
+    raw model output (eps or v) as the originals do; the network runs in its own dtype (fp16/bf16 too)
+    while everything the samplers see stays float32.
+    """
+
+    def __init__(self, model, cond, uncond=None, scale=1.0):
+        self.model = model
+        self.schedule = Schedule(model.alphas_cumprod)
+        self.parameterization = model.parameterization
+        first_parameter = next(model.model.parameters())
+        self.device, self.dtype = first_parameter.device, first_parameter.dtype
+        self.scale = float(scale)
+        self.guided = uncond is not None and self.scale != 1.0
+        both = _concat_conditioning(uncond, cond) if self.guided else cond
+        self.cond = _cast_conditioning(both, self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, x, t):
+        t = float(t)
+        x = x.float()
+        model_input = torch.cat([x, x]) if self.guided else x
+        # Integer timesteps go in as integers, exactly as the originals pass them.
+        t_dtype = torch.long if t.is_integer() else torch.float32
+        t_input = torch.full((model_input.shape[0],), t, device=x.device, dtype=t_dtype)
+        output = self.model.apply_model(model_input.to(self.dtype), t_input, self.cond).float()
+        if self.guided:
+            uncond_output, cond_output = output.chunk(2)
+            output = uncond_output + self.scale * (cond_output - uncond_output)
+        return self.eps_and_x0(x, output, t)
+
+    def eps_and_x0(self, x, output, t):
+        """(eps, x0) from the model's raw output at timestep t, for its parameterisation."""
+        alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        if self.parameterization == "eps":
+            return output, (x - sigma * output) / alpha
+        if self.parameterization == "v":
+            return sigma * x + alpha * output, alpha * x - sigma * output
+        return (x - alpha * output) / sigma, output
+
+
+# --- DDIM and PLMS --------------------------------------------------------------------------------------------
+def _report(callback, i, total, t, x, x0):
+    if callback is not None:
+        callback({"i": i, "total": total, "t": t, "x": x, "x0": x0})
+
+
+def _descending(timesteps):
+    """(i, t, t_prev) walking ascending DDIM timesteps from the top; t_prev is None for the last step."""
+    timesteps = [int(t) for t in timesteps]
+    for i, index in enumerate(range(len(timesteps) - 1, -1, -1)):
+        yield i, timesteps[index], (timesteps[index - 1] if index > 0 else None)
+
+
+def _ddim_step(x0, eps, alpha_prev, sigma=0.0, noise=None):
+    """DDIM's update to alphas_cumprod a_prev: sqrt(a_prev)·x0 + sqrt(1 - a_prev - σ²)·eps + σ·noise."""
+    x_prev = math.sqrt(alpha_prev) * x0 + math.sqrt(1.0 - alpha_prev - sigma**2) * eps
+    return x_prev if noise is None else x_prev + sigma * noise
+
+
+def sample_ddim(denoiser, x, timesteps, eta=0.0, generator=None, callback=None, blend=None):
+    """The original p_sample_ddim over ascending `timesteps`, walked from the last; the last step goes to acp[0].
+
+    With eta > 0 each step draws `torch.randn(x.shape, generator=generator)` (on the generator's device,
+    then moved to x's). Unlike the originals, nothing is drawn at eta = 0, where they draw per step and
+    multiply by zero: the image is the same, only the generator's later state differs.
+    """
+    acp = denoiser.schedule.alphas_cumprod
+    total = len(timesteps)
+    for i, t, t_prev in _descending(timesteps):
+        a_t, a_prev = float(acp[t]), float(acp[t_prev if t_prev is not None else 0])
+        if blend is not None:
+            x = blend(x, t)
+        eps, x0 = denoiser(x, t)
+        noise = None
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        if eta > 0:
+            noise_device = generator.device if generator is not None else "cpu"
+            noise = torch.randn(x.shape, generator=generator, device=noise_device).to(x.device, x.dtype)
+        x = _ddim_step(x0, eps, a_prev, sigma, noise)
+        _report(callback, i, total, t, x, x0)
+    return x
+
+
+def sample_plms(denoiser, x, timesteps, callback=None, blend=None):
+    """The original p_sample_plms (pseudo linear multistep on eps), over the same timesteps as DDIM.
+
+    The first step is a pseudo improved Euler step (a second model call at the next timestep); later
+    steps are Adams-Bashforth with up to three earlier eps. Deterministic (eta 0). Unlike Stability's
+    PLMS, a v-model's output is converted to eps first, so SD 2.x-v samples correctly.
+    """
+    schedule, acp = denoiser.schedule, denoiser.schedule.alphas_cumprod
+    total = len(timesteps)
+    previous_eps = []  # the raw eps of the last (up to) three steps, newest last
+    for i, t, t_prev in _descending(timesteps):
+        a_prev = float(acp[t_prev if t_prev is not None else 0])
+        alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
+        if blend is not None:
+            x = blend(x, t)
+        eps, _ = denoiser(x, t)
+        if not previous_eps:
+            x_euler = _ddim_step((x - sigma * eps) / alpha, eps, a_prev)
+            # The originals evaluate at the same timestep again when a single step is asked for.
+            eps_next, _ = denoiser(x_euler, t_prev if t_prev is not None else t)
+            eps_prime = (eps + eps_next) / 2
+        elif len(previous_eps) == 1:
+            eps_prime = (3 * eps - previous_eps[-1]) / 2
+        elif len(previous_eps) == 2:
+            eps_prime = (23 * eps - 16 * previous_eps[-1] + 5 * previous_eps[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * previous_eps[-1] + 37 * previous_eps[-2] - 9 * previous_eps[-3]) / 24
+        x0 = (x - sigma * eps_prime) / alpha
+        x = _ddim_step(x0, eps_prime, a_prev)
+        previous_eps = (previous_eps + [eps])[-3:]
+        _report(callback, i, total, t, x, x0)
+    return x
+
+
+# --- DPM-Solver++(2M) -----------------------------------------------------------------------------------------
+def sample_dpm_solver(denoiser, x, steps, t_start=None, callback=None, blend=None):
+    """The originals' DPM-Solver: DPM-Solver++ (data prediction), multistep, order 2.
+
+    Continuous times linspace(t_start, 1/N, steps + 1) ("time_uniform"; t_start defaults to 1, pure
+    noise), the model called at model time (s - 1/N)·N. The first step is first order, and so is the
+    last when steps < 15 ("lower_order_final"). Works for eps and v models alike (via the denoiser).
+    """
+    schedule = denoiser.schedule
+    n = schedule.num_timesteps
+    t_start = 1.0 if t_start is None else float(t_start)
+    times = (torch.linspace(t_start, 1.0 / n, steps + 1, dtype=torch.float64) - 1.0 / n) * n
+    lambdas, alphas, sigmas = (f(times).tolist() for f in (schedule.lambda_, schedule.alpha, schedule.sigma))
+    x0_before = None
+    for i in range(steps):
+        s = float(times[i])
+        if blend is not None:
+            x = blend(x, s)
+        _, x0 = denoiser(x, s)
+        h = lambdas[i + 1] - lambdas[i]
+        phi = math.expm1(-h)  # e^{-h} - 1, negative
+        x_next = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * phi * x0
+        if i > 0 and not (steps < 15 and i == steps - 1):
+            r0 = (lambdas[i] - lambdas[i - 1]) / h
+            x_next = x_next - 0.5 * alphas[i + 1] * phi * (x0 - x0_before) / r0
+        x, x0_before = x_next, x0
+        _report(callback, i, steps, s, x, x0)
+    return x
+
+
+def dpm_start_time(steps, skip_steps, num_timesteps=1000):
+    """The continuous time where the `steps`-step DPM schedule stands after `skip_steps` steps."""
+    return 1.0 - skip_steps / steps * (1.0 - 1.0 / num_timesteps)
+
+
+# --- one entry point -----------------------------------------------------------------------------------------
+def _remaining_ddim_timesteps(schedule, steps, skip_steps):
+    timesteps = schedule.ddim_timesteps(steps)
+    return timesteps[:steps - skip_steps] if skip_steps else timesteps
+
+
+def first_timestep(sampler, schedule, steps, skip_steps=0):
+    """The model timestep of the first step that `sample` runs: x must be noised to this level.
+
+    The originals' img2img noises one DDIM step higher (to ddim_timesteps(steps)[steps - skip_steps])
+    than it then denoises from; to reproduce their images, noise there instead.
+    """
+    n = schedule.num_timesteps
+    if sampler == "dpm":
+        return (dpm_start_time(steps, skip_steps, n) - 1.0 / n) * n
+    return int(_remaining_ddim_timesteps(schedule, steps, skip_steps)[-1])
+
+
+def sample(sampler, denoiser, x, steps, *, skip_steps=0, eta=0.0, generator=None, callback=None, blend=None):
+    """Run `sampler` ("ddim", "plms" or "dpm") for `steps` steps, the first `skip_steps` of them skipped.
+
+    With skip_steps (img2img), x must already be noised to `first_timestep(...)`. DDIM and PLMS then walk
+    ddim_timesteps(steps)[:steps - skip_steps] downwards, exactly the originals' img2img decode; DPM
+    starts at the continuous time the full schedule reaches after skip_steps steps.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if not (isinstance(steps, (int, np.integer)) and steps >= 1):
+        raise ValueError(f"the number of sampling steps must be a positive integer, not {steps!r}")
+    if not 0 <= skip_steps < steps:
+        raise ValueError(f"skip_steps must be in 0..{steps - 1} for {steps} steps, not {skip_steps}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta applies to DDIM only; {sampler} is deterministic (pass eta=0)")
+    hooks = {"callback": callback, "blend": blend}
+    if sampler == "dpm":
+        t_start = dpm_start_time(steps, skip_steps, denoiser.schedule.num_timesteps)
+        return sample_dpm_solver(denoiser, x, steps - skip_steps, t_start=t_start, **hooks)
+    timesteps = _remaining_ddim_timesteps(denoiser.schedule, steps, skip_steps)
+    if sampler == "ddim":
+        return sample_ddim(denoiser, x, timesteps, eta=eta, generator=generator, **hooks)
+    return sample_plms(denoiser, x, timesteps, **hooks)
