@@ -34,6 +34,8 @@ def step_callback(progress: tqdm, stop: StopFlag, preview=None):
     """The samplers' per-step callback: advance the bar, hand the step to a preview, honour a stop request."""
 
     def callback(info):
+        if progress.total != info["total"]:  # e.g. 30 DDIM steps walk 31 timesteps, as in the originals
+            progress.total = info["total"]
         progress.update(1)
         if preview is not None:
             preview(info)
