@@ -62,28 +62,35 @@ def diffusers_ddim(model, x, cond, uncond, scale, steps, eta, noise_seed):
     generator = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for t in scheduler.timesteps:
-            both = model.apply_model(torch.cat([x, x]), torch.full((2 * x.shape[0],), int(t)), torch.cat([uncond, cond]))
-            uncond_out, cond_out = both.chunk(2)
+            timestep = torch.full((2 * x.shape[0],), int(t))
+            uncond_out, cond_out = model.apply_model(torch.cat([x, x]), timestep, torch.cat([uncond, cond])).chunk(2)
+            guided = uncond_out + scale * (cond_out - uncond_out)
             noise = torch.randn(x.shape, generator=generator) if eta > 0 else None
-            x = scheduler.step(uncond_out + scale * (cond_out - uncond_out), t, x, eta=eta, variance_noise=noise).prev_sample
+            x = scheduler.step(guided, t, x, eta=eta, variance_noise=noise).prev_sample
     return x, scheduler.timesteps.tolist()
 
 
 def assert_ddim_matches_diffusers(model, x, cond, uncond, steps, eta, scale=5.0):
     walked = []
+    generator = torch.Generator().manual_seed(7)
     ours = sampling.sample("ddim", GuidedDenoiser(model, cond, uncond, scale), x, steps, eta=eta,
-                           generator=torch.Generator().manual_seed(7), callback=lambda info: walked.append(info["t"]))
+                           generator=generator, callback=lambda info: walked.append(info["t"]))
     reference, reference_timesteps = diffusers_ddim(model, x, cond, uncond, scale, steps, eta, noise_seed=7)
     assert walked == reference_timesteps
     assert relative_error(ours, reference) < 1e-4
     assert relative_error(ours, x) > 0.1  # the model did something
+    # One draw of x's shape per step when eta > 0, none at all at eta 0.
+    expected = torch.Generator().manual_seed(7)
+    for _ in range(steps if eta > 0 else 0):
+        torch.randn(x.shape, generator=expected)
+    assert torch.equal(generator.get_state(), expected.get_state())
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_ddim_matches_diffusers_on_the_tiny_model(tiny_model, monkeypatch, parameterization, eta):
     monkeypatch.setattr(tiny_model, "parameterization", parameterization)
-    assert_ddim_matches_diffusers(tiny_model, *tiny_inputs(), steps=10, eta=eta)
+    assert_ddim_matches_diffusers(tiny_model, *tiny_inputs(), steps=5, eta=eta)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 9, 10, 20, 25, 50, 100, 250, 500])
@@ -197,6 +204,65 @@ def test_plms_and_dpm_are_more_accurate_than_ddim_for_the_same_steps_on_sd_sched
         assert sampling_error(sampler, denoiser, 200) < 0.3 * sampling_error(sampler, denoiser, 25)
 
 
+def steps_of(sampler, denoiser, x, steps):
+    """Each step's (x before, callback info)."""
+    infos = []
+    sampling.sample(sampler, denoiser, x, steps, callback=infos.append)
+    return list(zip([x] + [info["x"] for info in infos[:-1]], infos))
+
+
+class QuadraticEpsDenoiser:
+    """eps a quadratic polynomial in t, whatever x: Adams-Bashforth of order k is exact for degree k - 1."""
+
+    schedule = SD_SCHEDULE
+    coefficients = (0.3, 0.5e-3, -0.8e-6)
+
+    def q(self, t):
+        return sum(c * t**power for power, c in enumerate(self.coefficients))
+
+    def average(self, low, high):
+        """The exact mean of q over [low, high]."""
+        antiderivative = lambda t: sum(c * t ** (power + 1) / (power + 1) for power, c in enumerate(self.coefficients))
+        return (antiderivative(high) - antiderivative(low)) / (high - low)
+
+    def __call__(self, x, t):
+        alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        eps = torch.full_like(x, self.q(t))
+        return eps, (x - sigma * eps) / alpha
+
+
+def test_plms_steps_are_improved_euler_then_adams_bashforth():
+    denoiser, dt = QuadraticEpsDenoiser(), 100  # 10 steps: DDIM timesteps 100 apart
+    for i, (x, info) in enumerate(steps_of("plms", denoiser, torch.zeros(1, 4, 2, 2, dtype=torch.float64), 10)):
+        t = info["t"]
+        alpha, sigma = float(SD_SCHEDULE.alpha(t)), float(SD_SCHEDULE.sigma(t))
+        eps_used = ((x - alpha * info["x0"]) / sigma).mean().item()  # the eps the step combined
+        if i == 0:  # improved Euler: the mean of the two ends
+            expected = (denoiser.q(t) + denoiser.q(t - dt)) / 2
+        elif i == 1:  # second-order Adams-Bashforth from the raw eps of the step before
+            expected = (3 * denoiser.q(t) - denoiser.q(t + dt)) / 2
+        else:  # third and fourth order: exact for a quadratic
+            expected = denoiser.average(t - dt, t)
+        assert eps_used == pytest.approx(expected, rel=1e-10), i
+
+
+def test_dpm_first_step_and_last_of_a_short_run_are_first_order():
+    denoiser = GaussianDataDenoiser(SD_SCHEDULE)
+
+    def is_first_order(x, info, t_next):
+        s = info["t"]
+        h = float(SD_SCHEDULE.lambda_(t_next) - SD_SCHEDULE.lambda_(s))
+        first_order = (float(SD_SCHEDULE.sigma(t_next) / SD_SCHEDULE.sigma(s)) * x
+                       - float(SD_SCHEDULE.alpha(t_next)) * math.expm1(-h) * info["x0"])
+        return torch.allclose(info["x"], first_order, rtol=1e-10, atol=1e-12)
+
+    for steps in (10, 20):
+        taken = steps_of("dpm", denoiser, denoiser.at(999), steps)
+        ends = [info["t"] for _, info in taken[1:]] + [0.0]
+        orders = [1 if is_first_order(x, info, end) else 2 for (x, info), end in zip(taken, ends)]
+        assert orders == [1] + [2] * (steps - 2) + [1 if steps < 15 else 2]
+
+
 # --- (3) guidance and parameterisations ---------------------------------------------------------------------
 def record_calls(monkeypatch, model):
     calls = []
@@ -277,7 +343,8 @@ def test_schedule_interpolates_log_alpha_and_noise_to_step_matches_the_model(tin
     steps = torch.tensor([0, 1, 500, 998, 999])
     torch.testing.assert_close(schedule.alpha(steps) ** 2, schedule.alphas_cumprod[steps], rtol=1e-12, atol=0)
     torch.testing.assert_close(schedule.log_alpha(10.5), (schedule.log_alpha(10) + schedule.log_alpha(11)) / 2)
-    torch.testing.assert_close(schedule.alpha(300.25) ** 2 + schedule.sigma(300.25) ** 2, torch.tensor(1.0, dtype=torch.float64))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(schedule.alpha(300.25) ** 2 + schedule.sigma(300.25) ** 2, one)
     torch.testing.assert_close(schedule.lambda_(300.25), torch.log(schedule.alpha(300.25) / schedule.sigma(300.25)))
     x0, noise = torch.randn(2, 3, 4, 8, 8)
     t = torch.tensor([10, 700, 999])
@@ -329,14 +396,14 @@ def test_adapters_return_samples_and_intermediates_like_the_originals(tiny_model
     x, cond, uncond = tiny_inputs(batch=2)
     steps_seen, previews = [], []
     samples, intermediates = adapter(tiny_model).sample(
-        S=10, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_guidance_scale=3.0,
-        unconditional_conditioning=uncond, x_T=x, verbose=False, log_every_t=4,
+        S=5, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond, x_T=x, verbose=False, log_every_t=2,
         callback=steps_seen.append, img_callback=lambda x0, i: previews.append(x0.shape))
-    expected = sampling.sample(name, GuidedDenoiser(tiny_model, cond, uncond, 3.0), x, 10)
+    expected = sampling.sample(name, GuidedDenoiser(tiny_model, cond, uncond, 3.0), x, 5)
     torch.testing.assert_close(samples, expected, rtol=0, atol=0)
-    assert steps_seen == list(range(10)) and previews == [x.shape] * 10
-    # the start, then step indices 9 (the first step), 8, 4 and 0 (the last) counted down, as the originals log
-    assert len(intermediates["x_inter"]) == len(intermediates["pred_x0"]) == 5
+    assert steps_seen == list(range(5)) and previews == [x.shape] * 5
+    # the start, then step indices 4 (the first step), 2 and 0 (the last) counted down, as the originals log
+    assert len(intermediates["x_inter"]) == len(intermediates["pred_x0"]) == 4
     assert intermediates["x_inter"][0] is x and torch.equal(intermediates["x_inter"][-1], samples)
 
 
@@ -363,8 +430,8 @@ def test_mask_keeps_the_known_region_out_of_the_start_noise(tiny_model):
     results = []
     for start in (x_a, x_b):
         torch.manual_seed(2)  # the blend's fresh noise per step
-        results.append(DDIMSampler(tiny_model).sample(5, 1, (4, 8, 8), conditioning=cond, x_T=start, mask=torch.ones_like(mask),
-                                                      x0=known, verbose=False)[0])
+        results.append(DDIMSampler(tiny_model).sample(5, 1, (4, 8, 8), conditioning=cond, x_T=start,
+                                                      mask=torch.ones_like(mask), x0=known, verbose=False)[0])
     # Everything replaced before every model call: the start noise cannot matter.
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     partial = DDIMSampler(tiny_model).sample(5, 1, (4, 8, 8), conditioning=cond, x_T=x_a, mask=mask, x0=known,
