@@ -208,13 +208,47 @@ def _ema_state_dict(model: nn.Module, state_dict: dict) -> dict:
     return renamed
 
 
+def _schedule_buffers(model: nn.Module, expected: dict) -> dict:
+    """The noise schedules' buffers by state-dict key: the config defines them, a checkpoint only repeats them.
+
+    Every module with a `register_schedule` (the diffusion model; the x4 upscaler's noise augmentation)
+    computes its schedule when built, in fp32 from float64 formulas. A 16-bit file holds a rounded copy and
+    files converted from the diffusers layout hold none, so the computed values are the ones kept.
+    """
+    schedules = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "register_schedule"):
+            for name, buffer in module.named_buffers(recurse=False):
+                key = f"{prefix}.{name}" if prefix else name
+                if key in expected:
+                    schedules[key] = buffer
+    return schedules
+
+
+def _check_schedules(state_dict: dict, schedules: dict, ckpt_path, config_path):
+    """A checkpoint trained with another noise schedule needs its own config: refuse it rather than sample badly."""
+    for key, computed in schedules.items():
+        stored = state_dict.get(key)
+        if stored is None:
+            continue
+        # A 16-bit file's copy is rounded (by up to half its dtype's eps, relative); an fp32 file written by
+        # another tool may have computed the schedule in float32 rather than float64 (about 1e-5).
+        tolerance = max(2 * torch.finfo(stored.dtype).eps, 1e-4)
+        if not torch.allclose(stored.float(), computed, rtol=tolerance, atol=1e-12):
+            deviation = ((stored.float() - computed).abs() / computed.abs().clamp_min(1e-12)).max().item()
+            raise CheckpointError(f"checkpoint {ckpt_path} was trained with another noise schedule than config "
+                                  f"{Path(config_path).name} ({key} differs by up to {deviation:.1%}): "
+                                  "pass --config with the checkpoint's own config")
+
+
 def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, config_path, use_ema=False) -> str:
     """Assign the checkpoint's tensors to the (meta) model; returns the one-line report."""
     expected = model.state_dict()
+    schedules = _schedule_buffers(model, expected)
     state_dict = dict(state_dict)
     if use_ema:
         state_dict.update(_ema_state_dict(model, state_dict))
-    missing = [key for key in expected if key not in state_dict]
+    missing = [key for key in expected if key not in state_dict and key not in schedules]
     unexpected = [key for key in state_dict if key not in expected and not _is_harmless(key)]
     wrong_shape = [key for key in expected if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
     if missing or unexpected or wrong_shape:
@@ -225,11 +259,13 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
                 problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit config {Path(config_path).name}: "
                               f"{'; '.join(problems)}; it fits {fitting}: pass --config with that file")
-    model.load_state_dict({key: state_dict[key] for key in expected}, strict=True, assign=True)
+    _check_schedules(state_dict, schedules, ckpt_path, config_path)
+    model.load_state_dict({key: schedules[key] if key in schedules else state_dict[key] for key in expected},
+                          strict=True, assign=True)
     leftover = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"checkpoint {ckpt_path} left parameters uninitialised: {', '.join(leftover[:3])}")
-    ignored = len(state_dict) - len(expected)
+    ignored = len([key for key in state_dict if key not in expected])
     return f"loaded {len(expected)} tensors from {Path(ckpt_path).name}" + (f" ({ignored} extra ignored)" if ignored else "")
 
 
@@ -238,9 +274,12 @@ def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print):
+def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
 
+    customize: None, or a callable (state_dict, config) -> (state_dict, constructor overrides), called once
+    the checkpoint is read and the config chosen, before building. It lets a script add tensors kept in
+    another file (depth2img's --midas) or build the model without a part it will not use.
     Returns (model in eval mode, OmegaConf config actually used).
     """
     state_dict, _ = read_checkpoint(ckpt_path)
@@ -253,6 +292,9 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
         raise CheckpointError(f"{config_path} is not a model config (it has no 'model' section)")
     # EMA copies are a training-time structure; asked-for EMA weights are copied into the model instead.
     overrides = {"use_ema": False} if issubclass(get_obj_from_str(config.model.target), DDPM) else {}
+    if customize is not None:
+        state_dict, extra_overrides = customize(state_dict, config)
+        overrides.update(extra_overrides)
     with parameters_on_meta():
         model = instantiate_from_config(config.model, **overrides)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)

@@ -1,4 +1,4 @@
-"""A tiny random-weight checkpoint (configs/tiny/txt2img-tiny.yaml) for fast tests above the networks."""
+"""Tiny random-weight models and checkpoints (configs/tiny/*.yaml) for fast tests above the networks."""
 import shutil
 from pathlib import Path
 
@@ -12,9 +12,9 @@ from ldm.util import instantiate_from_config
 TINY_CONFIG = REPO / "configs" / "tiny" / "txt2img-tiny.yaml"
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, config: Path = TINY_CONFIG):
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    model = instantiate_from_config(OmegaConf.load(config).model)
     with torch.no_grad():  # the zero-initialised output layers would make the UNet blind to its input
         for name, p in model.model.named_parameters():
             if p.abs().sum() == 0 and p.ndim > 1:
@@ -22,11 +22,11 @@ def tiny_model(seed: int = 0):
     return model.eval()
 
 
-def write_tiny_checkpoint(folder: Path, name: str = "tiny.safetensors", seed: int = 0) -> Path:
+def write_tiny_checkpoint(folder: Path, name: str = "tiny.safetensors", seed: int = 0, config: Path = TINY_CONFIG) -> Path:
     """The checkpoint with its config beside it (<name>.yaml), as users keep custom models."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    state_dict = {k: v.contiguous() for k, v in tiny_model(seed).state_dict().items()}
+    state_dict = {k: v.contiguous() for k, v in tiny_model(seed, config).state_dict().items()}
     save_file(state_dict, str(path))
-    shutil.copy(TINY_CONFIG, path.with_suffix(".yaml"))
+    shutil.copy(config, path.with_suffix(".yaml"))
     return path

@@ -12,6 +12,14 @@ SD1_DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 EMBEDDED_MODEL = REPO_ROOT / "models" / "ldm" / "shapes-ldm" / "model.ckpt"
 PRECISIONS = ("full", "autocast", "bf16")
 
+# What each model family is called, and the scripts that use it.
+MODEL_KINDS = {
+    "LatentInpaintDiffusion": ("inpainting", "scripts/inpaint.py"),
+    "LatentUpscaleDiffusion": ("x4 upscaling", "scripts/upscale.py"),
+    "LatentDepth2ImageDiffusion": ("depth-to-image", "scripts/depth2img.py"),
+}
+TEXT_TO_IMAGE = ("text-to-image", "scripts/txt2img.py, img2img.py or inpaint.py")
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -74,18 +82,38 @@ class LoadedModel:
         encoder = type(self.model.cond_stage_model).__name__
         return {"FrozenOpenCLIPEmbedder": "SDV2", "FrozenCLIPEmbedder": "StableDiffusionV1"}.get(encoder)
 
+    @property
+    def kind(self) -> str:
+        """One of: text-to-image, inpainting, x4 upscaling, depth-to-image."""
+        return MODEL_KINDS.get(type(self.model).__name__, TEXT_TO_IMAGE)[0]
+
+    def require_kind(self, script: str, *kinds: str):
+        """Refuse, in one line, a checkpoint of another family than `script` works with."""
+        if self.kind in kinds:
+            return
+        scripts = MODEL_KINDS.get(type(self.model).__name__, TEXT_TO_IMAGE)[1]
+        raise UserError(f"{self.ckpt_path.name} is {_article(self.kind)} {self.kind} model, but {script} needs "
+                        f"{_article(kinds[0])} {' or '.join(kinds)} model: use {scripts} with it")
+
     def autocast(self):
         """fp16 autocast on CUDA (as the originals' --precision autocast); a no-op elsewhere."""
         enabled = self.device.type == "cuda" and self.dtype == torch.float16
         return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
 
 
-def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print) -> LoadedModel:
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiox" else "a"
+
+
+def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print,
+         customize=None) -> LoadedModel:
+    """The model for a run; `customize` as in ldm.checkpoint.load_model."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
     ckpt_path = resolve_checkpoint(ckpt, log)
     try:
-        model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log)
+        model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
+                                         customize=customize)
     except CheckpointError as error:
         raise UserError(str(error)) from None
     factor = model.first_stage_model.downsampling_factor
