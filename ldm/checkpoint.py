@@ -6,7 +6,10 @@
   then the checkpoint's tensors are assigned in place, so an fp32 load peaks at about the weights' size.
 - Keys are checked strictly; a checkpoint that fits another config is refused with that config's name.
 """
+import ctypes
+import functools
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -274,6 +277,83 @@ def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+MADV_DONTNEED = 4  # Linux madvise advice: drop these pages from the process (file pages come back on access)
+
+
+def mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps the file `path` (from /proc/self/maps; none elsewhere)."""
+    target = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    start, end = (int(address, 16) for address in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Give back this process's pages under `tensor` where they belong to a mapping in `ranges`.
+
+    For a read-only private file mapping (the memory-mapped checkpoint) that only drops pages that would
+    be read again from the file if ever touched; memory outside `ranges` (anything anonymous) is never
+    advised, so no data can be lost.
+    """
+    if not ranges or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr() // page * page
+    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
+    for start, stop in ranges:
+        low, high = max(begin, start), min(end, stop)
+        if low < high:
+            _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoint_file=None) -> nn.Module:
+    """Every child module's floating-point tensors to device and dtype, one tensor at a time.
+
+    channels_last stores convolution kernels NHWC, the fast layout on a CPU: oneDNN's convolutions work
+    in NHWC, and with NCHW tensors every convolution reorders its input and output. A channels-last kernel
+    makes the convolution's output channels-last, and that layout then flows through the norms,
+    activations, skip concatenations and the transformers' token reshapes ([B, C, H, W] -> [B, H·W, C]
+    becomes a free view); inputs may stay contiguous; results equal NCHW's up to fp32 summation order.
+
+    With checkpoint_file, the file's pages under each tensor that was copied (to another dtype or layout)
+    are given back at once, so that loading peaks at about the final weights' size, not that plus the
+    file's. The model's own buffers (the noise schedules) stay fp32, on `device`.
+    """
+    ranges = mapped_ranges(checkpoint_file) if checkpoint_file is not None else []
+    converted = {}  # id(old tensor) -> new one, so that tied weights stay tied
+    for child in model.children():
+        for module in child.modules():
+            for slots in (module._parameters, module._buffers):
+                for name, tensor in slots.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in converted:
+                        kernel = channels_last and isinstance(module, nn.Conv2d) and name == "weight"
+                        # One copy for both the dtype and the layout: an fp16 file's kernels are not copied twice.
+                        new = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None,
+                                                 memory_format=torch.channels_last if kernel else torch.preserve_format)
+                        if new.data_ptr() != tensor.data_ptr():
+                            release_file_pages(tensor, ranges)
+                        converted[id(tensor)] = nn.Parameter(new, requires_grad=False) if slots is module._parameters else new
+                    slots[name] = converted[id(tensor)]
+    return model.to(device)
+
+
 def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
 
@@ -299,9 +379,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
         model = instantiate_from_config(config.model, **overrides)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)
     dtype = dtype or default_dtype(device)
-    for child in model.children():
-        child.to(device=device, dtype=dtype)
-    model.to(device)  # the schedules stay fp32 for the samplers' arithmetic
+    place_weights(model, device, dtype, channels_last=torch.device(device).type == "cpu", checkpoint_file=ckpt_path)
     model.eval().requires_grad_(False)
 
     if config_was_guessed and config_path.name == "v2-inference.yaml" and \

@@ -34,6 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ldm.checkpoint import read_checkpoint
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.sampling import GuidedDenoiser, sample
 from ldm.util import count_params, instantiate_from_config
 
 WRAPPER_PREFIX = "model."  # the wrapper holds the model as `self.model`
@@ -52,7 +53,9 @@ class TrainingWrapper(pl.LightningModule):
 
     def __init__(self, model, learning_rate, scheduler_config=None, weight_decay=0.0):
         super().__init__()
-        self.model = model
+        # Channels-last convolution weights make oneDNN's CPU convolutions about twice as fast (measured);
+        # the activations follow the weights' layout, and checkpoints are unaffected.
+        self.model = model.to(memory_format=torch.channels_last)
         self.learning_rate = learning_rate
         self.scheduler_config = scheduler_config
         self.weight_decay = weight_decay
@@ -70,8 +73,9 @@ class TrainingWrapper(pl.LightningModule):
             update_ema()
 
     def configure_optimizers(self):
+        # foreach: one fused update over all tensors (the per-tensor default is slower on CPU).
         optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=self.learning_rate,
-                                      weight_decay=self.weight_decay)
+                                      weight_decay=self.weight_decay, foreach=True)
         if not self.scheduler_config:
             return optimizer
         schedule = instantiate_from_config(self.scheduler_config)
@@ -144,38 +148,15 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, captions=None):
 
 
 @torch.no_grad()
-def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0):
-    """Text-to-image with the shared DDIM sampler and classifier-free guidance; BCHW in [-1, 1]."""
+def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0, sampler="ddim"):
+    """Text-to-image with the shared samplers and classifier-free guidance; BCHW in [-1, 1]."""
     cond = model.get_learned_conditioning(list(prompts))
     uncond = model.get_learned_conditioning([""] * len(prompts)) if guidance_scale != 1.0 else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (len(prompts), model.channels, model.image_size, model.image_size)
     x = torch.randn(shape, generator=generator).to(cond.device, cond.dtype)
-    try:
-        from ldm.models.diffusion.sampling import GuidedDenoiser, sample
-    except ImportError:  # the shared sampler is still being written
-        z = _interim_ddim(model, cond, uncond, guidance_scale, x, steps)
-    else:
-        denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale)
-        z = sample("ddim", denoiser, x, steps, eta=eta, generator=generator)
-    return model.decode_first_stage(z)
-
-
-def _interim_ddim(model, cond, uncond, scale, x, steps):
-    """Deterministic DDIM (eta = 0) with guidance, until ldm.models.diffusion.sampling exists."""
-    alphas = model.alphas_cumprod.float()
-    timesteps = list(range(0, model.num_timesteps, model.num_timesteps // steps))[::-1]
-    for i, t in enumerate(timesteps):
-        a_t = alphas[t]
-        a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0)
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
-        eps = model.apply_model(x, t_batch, cond)
-        if uncond is not None:
-            eps_uncond = model.apply_model(x, t_batch, uncond)
-            eps = eps_uncond + scale * (eps - eps_uncond)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
+    denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale)
+    return model.decode_first_stage(sample(sampler, denoiser, x, steps, eta=eta, generator=generator))
 
 
 class SampleGridLogger(pl.Callback):
@@ -283,7 +264,7 @@ def export_model(model, model_config, path, global_step):
     """A small fp16 checkpoint in the original format, with its config (use_ema off) beside it as <path>.yaml."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {key: (value.half() if value.is_floating_point() else value).detach().cpu().clone()
+    state_dict = {key: (value.half() if value.is_floating_point() else value).detach().cpu().contiguous().clone()
                   for key, value in inference_state_dict(model).items()}
     torch.save({"state_dict": state_dict, "global_step": int(global_step)}, path)
     config = OmegaConf.create({"model": OmegaConf.to_container(model_config, resolve=True)})
@@ -356,6 +337,8 @@ def train(options):
         data_config.params.num_workers = options.num_workers
     training_config = config.get("training", OmegaConf.create())
     pl.seed_everything(options.seed, workers=True)
+    if options.threads:
+        torch.set_num_threads(options.threads)
 
     model = instantiate_from_config(config.model)
     print(f"{config.model.target}: {count_params(model) / 1e6:.2f} M parameters, "
@@ -391,7 +374,9 @@ def train(options):
         accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes, strategy=options.strategy,
         precision=options.precision, max_steps=options.max_steps,
         max_time=datetime.timedelta(minutes=options.max_minutes) if options.max_minutes else None,
-        logger=CSVLogger(logdir, name="", version=""), callbacks=callbacks, default_root_dir=logdir,
+        # One metrics file per run (a resumed run gets its own): <logdir>/metrics/<start time>/metrics.csv.
+        logger=CSVLogger(logdir, name="metrics", version=datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")),
+        callbacks=callbacks, default_root_dir=logdir,
         log_every_n_steps=training_config.get("log_every_n_steps", 10), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )

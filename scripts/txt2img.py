@@ -6,10 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ldm.generate import loading, options  # noqa: E402
-from ldm.generate.output import OutputFolder  # noqa: E402
-from ldm.generate.progress import StopFlag  # noqa: E402
-from ldm.generate.prompts import prompt_batches  # noqa: E402
-from ldm.generate.txt2img import Txt2ImgJob, run_txt2img  # noqa: E402
+from ldm.generate.run import run_and_report  # noqa: E402
+from ldm.generate.txt2img import TextToImage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,14 +27,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.laion400m:
         raise options.UserError("--laion400m (the old LDM text-to-image model) is not supported: pass --ckpt and --config")
-    options.check_sampling_arguments(args)
-    sampler = options.chosen_sampler(args)
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None:
             options.check_dimension(flag, value)
-    batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
-    folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
-    folder.check_writable()
+    sampler, batches, folder = options.prepare_output(args)
 
     loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema)
     for flag, given, actual in (("--C", args.C, loaded.latent_channels), ("--f", args.f, loaded.downsampling_factor)):
@@ -45,21 +39,8 @@ def main(argv=None):
     height, width = args.H or loaded.native_size, args.W or loaded.native_size
     options.check_dimension("--H", height, max(8, loaded.downsampling_factor))
     options.check_dimension("--W", width, max(8, loaded.downsampling_factor))
-
-    job = Txt2ImgJob(
-        batches=batches, negative_prompt=args.negative_prompt, n_iter=args.n_iter, steps=args.ddim_steps,
-        sampler=sampler, scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
-        fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid, watermark=not args.no_watermark,
-    )
-    with StopFlag().catching_sigint() as stop:
-        report = run_txt2img(job, loaded, folder, stop=stop)
-    where = f"{len(report.saved)} images in {folder.samples}" if folder.save_samples else "no single images (--skip_save)"
-    grid = f", grid {report.grid}" if report.grid else ""
-    if report.interrupted:
-        print(f"interrupted at {report.interrupted}: kept {where}{grid}", file=sys.stderr)
-        return 130
-    print(f"done: {where}{grid}" + (f"; {len(report.failed)} failed" if report.failed else ""))
-    return 1 if report.failed else 0
+    job = options.job_from_args(args, sampler, batches, height, width)
+    return run_and_report(job, TextToImage(), loaded, folder)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_seed_means_one_cpu_generator_drawing_start_noise_per_batch(tmp_path, mo
         seen.append(x.clone())
         return real_sample(name, denoiser, x, steps, **kwargs)
 
-    monkeypatch.setattr("ldm.generate.txt2img.sample", spy)
+    monkeypatch.setattr("ldm.generate.run.sample", spy)
     job = Txt2ImgJob(batches=[["a"], ["b"]], n_iter=1, steps=2, height=64, width=48, seed=42, save_grid=False)
     run_txt2img(job, loaded_tiny(), OutputFolder(tmp_path), log=lambda _: None)
     generator = torch.Generator().manual_seed(42)
@@ -31,7 +31,7 @@ def test_seed_means_one_cpu_generator_drawing_start_noise_per_batch(tmp_path, mo
 
 def test_fixed_code_shares_one_start_noise(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("ldm.generate.txt2img.sample", lambda name, d, x, steps, **kw: seen.append(x.clone()) or x)
+    monkeypatch.setattr("ldm.generate.run.sample", lambda name, d, x, steps, **kw: seen.append(x.clone()) or x)
     job = Txt2ImgJob(batches=[["a", "b"], ["c"]], n_iter=2, steps=2, height=64, width=64, seed=1, fixed_code=True,
                      save_grid=False)
     run_txt2img(job, loaded_tiny(), OutputFolder(tmp_path), log=lambda _: None)

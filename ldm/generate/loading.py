@@ -1,4 +1,5 @@
 """Which checkpoint, config, device and dtype a run uses, and the loaded model with what scripts need of it."""
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,29 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "autocast" and device.type == "cuda":
         return torch.float16
     return torch.float32
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on.
+
+    Hyper-threads of one core share its vector units, so for matmul- and convolution-bound work more
+    threads than cores only add synchronisation.
+    """
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology.joinpath("physical_package_id").read_text(), topology.joinpath("core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> int:
+    """Run torch's CPU work on one thread per physical core, unless OMP_NUM_THREADS says otherwise."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(physical_cores())
+    return torch.get_num_threads()
 
 
 def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
@@ -110,6 +134,8 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     """The model for a run; `customize` as in ldm.checkpoint.load_model."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
+    if device.type == "cpu":
+        use_physical_cores()
     ckpt_path = resolve_checkpoint(ckpt, log)
     try:
         model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,

@@ -4,6 +4,9 @@ import argparse
 import sys
 
 from ldm.generate.errors import UserError
+from ldm.generate.output import OutputFolder
+from ldm.generate.prompts import prompt_batches
+from ldm.generate.run import Job
 from ldm.models.diffusion.sampling import SAMPLERS
 
 
@@ -86,3 +89,41 @@ def run_cli(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def prepare_output(args):
+    """The checks every script makes before loading anything: sampling options, prompts, output folder.
+
+    Returns (sampler, prompt batches, output folder); the folder is created and known to be writable.
+    """
+    check_sampling_arguments(args)
+    sampler = chosen_sampler(args)
+    batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
+    folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
+    folder.check_writable()
+    return sampler, batches, folder
+
+
+def job_from_args(args, sampler: str, batches: list, height: int, width: int) -> Job:
+    """The shared run settings from the shared options; height and width are the output's size."""
+    return Job(
+        batches=batches, negative_prompt=args.negative_prompt, n_iter=args.n_iter, steps=args.ddim_steps,
+        sampler=sampler, scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
+        fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid, watermark=not args.no_watermark,
+    )
+
+
+def check_strength(strength: float):
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"--strength {strength} is outside [0, 1]: 0 keeps the input image, 1 ignores it")
+
+
+def add_image_arguments(parser, strength: float | None, help_image="the input picture (any format PIL reads)"):
+    """--init-img, and --strength with its default unless strength is None (the upscaler has none)."""
+    group = parser.add_argument_group("input picture")
+    group.add_argument("--init-img", "--init_img", dest="init_img", required=True, metavar="PATH", help=help_image)
+    if strength is not None:
+        group.add_argument("--strength", type=float, default=strength,
+                           help="how much of the input is redrawn, 0..1: int(strength x steps) steps are run "
+                                "(0 = the input's reconstruction, 1 = the input ignored)")
+    return group

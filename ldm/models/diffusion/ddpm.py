@@ -1,8 +1,8 @@
 """DDPM and LatentDiffusion: the noise schedule, the denoiser call, conditioning, and the training loss.
 
 Plain nn.Modules (inference never imports Lightning); `ldm.training` wraps them for Lightning training.
-The model-family variants (inpainting, depth, x4 upscaling) live in `ddpm_variants` and are re-exported
-at the bottom so that the original YAML targets `ldm.models.diffusion.ddpm.<Class>` resolve.
+The model-family variants live in `ddpm_variants` (inpainting, x4 upscaling) and `ddpm_depth`, and are
+resolved from here (bottom) so that the original YAML targets `ldm.models.diffusion.ddpm.<Class>` work.
 """
 import random
 
@@ -255,13 +255,20 @@ class LatentDiffusion(DDPM):
         return params
 
 
-_VARIANTS = ("LatentInpaintDiffusion", "LatentDepth2ImageDiffusion", "LatentUpscaleDiffusion")
+_VARIANT_MODULES = {  # class -> the module of ldm.models.diffusion that defines it
+    "LatentInpaintDiffusion": "ddpm_variants",
+    "LatentUpscaleDiffusion": "ddpm_variants",
+    "LatentDepth2ImageDiffusion": "ddpm_depth",
+}
 
 
 def __getattr__(name):
-    """The original YAML files name the model-family variants as `ldm.models.diffusion.ddpm.<Class>`."""
-    if name in _VARIANTS:
-        from ldm.models.diffusion import ddpm_variants
+    """The original YAML files name the model-family variants as `ldm.models.diffusion.ddpm.<Class>`.
 
-        return getattr(ddpm_variants, name)
+    Resolved on first use: the variant modules import this one, so they cannot be imported at its top.
+    """
+    if name in _VARIANT_MODULES:
+        import importlib
+
+        return getattr(importlib.import_module(f"ldm.models.diffusion.{_VARIANT_MODULES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

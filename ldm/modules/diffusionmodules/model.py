@@ -7,9 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import add_to_fresh, silu_of_fresh
+
+from ldm.modules.diffusionmodules.util import norm_groups
+
 
 def Normalize(in_channels):
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=norm_groups(in_channels), num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -25,10 +29,10 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(silu_of_fresh(self.norm1(x)))
+        h = self.conv2(self.dropout(silu_of_fresh(self.norm2(h))))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return shortcut + h
+        return add_to_fresh(h, shortcut)
 
 
 class AttnBlock(nn.Module):
@@ -48,7 +52,7 @@ class AttnBlock(nn.Module):
         q, k, v = (conv(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        return add_to_fresh(self.proj_out(h), x)
 
 
 class Downsample(nn.Module):
@@ -122,7 +126,7 @@ class Encoder(nn.Module):
             if hasattr(down, "downsample"):
                 h = down.downsample(h)
         h = _run_middle(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu_of_fresh(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -159,4 +163,4 @@ class Decoder(nn.Module):
                     h = up.attn[i](h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu_of_fresh(self.norm_out(h)))

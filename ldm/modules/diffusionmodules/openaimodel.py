@@ -10,7 +10,13 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.util import (
+    add_to_fresh,
+    normalization,
+    silu_of_fresh,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class ResBlock(nn.Module):
@@ -26,9 +32,14 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # The Sequentials are unrolled (same layers, same parameter names) so that the SiLUs and the
+        # additions can reuse their input's memory at inference.
+        norm, _, conv = self.in_layers
+        h = conv(silu_of_fresh(norm(x)))
+        h = add_to_fresh(h, self.emb_layers(emb).type(h.dtype)[:, :, None, None])
+        norm, _, dropout, conv = self.out_layers
+        h = conv(dropout(silu_of_fresh(norm(h))))
+        return add_to_fresh(h, self.skip_connection(x))
 
 
 class Downsample(nn.Module):

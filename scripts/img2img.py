@@ -1,0 +1,32 @@
+"""Image to image with the CompVis command line: --init-img, --strength and the txt2img options; see the README."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ldm.generate import images, loading, options  # noqa: E402
+from ldm.generate.img2img import ImageToImage  # noqa: E402
+from ldm.generate.run import run_and_report  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = options.OneLineParser(description=__doc__)
+    options.add_sampling_arguments(parser, steps=50, scale=5.0, n_samples=2, n_iter=1)
+    options.add_image_arguments(parser, strength=0.75)
+    options.add_output_arguments(parser, "outputs/img2img-samples")
+    options.add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    options.check_strength(args.strength)
+    pixels = images.load_image(args.init_img)
+    sampler, batches, folder = options.prepare_output(args)
+    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema)
+    job = options.job_from_args(args, sampler, batches, height=pixels.shape[-2], width=pixels.shape[-1])
+    return run_and_report(job, ImageToImage(pixels, args.strength), loaded, folder)
+
+
+if __name__ == "__main__":
+    options.run_cli(main)

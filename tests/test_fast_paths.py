@@ -1,0 +1,231 @@
+"""The CPU fast paths give the same numbers as the plain ones: bf16, channels-last, in-place inference ops,
+the loader's page release, the thread count. Correctness only; speed is measured by
+benchmarks/sampling_speed.py, never here.
+
+Tolerances: fp32 paths that only change the summation order (channels-last kernels) agree to 1e-5
+relative. bf16 keeps 8 significant bits (a relative rounding of 2^-9 = 0.2 % per stored value); over the
+tiny UNet's ~20 layers those roundings add up like a random walk to about 1 %, so bf16 is held to 3 %
+relative error on the model output. An error that large would be a bug (a wrong cast, stats in bf16).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.checkpoint import load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
+from ldm.generate import loading
+from ldm.models.diffusion.sampling import GuidedDenoiser, sample
+from ldm.modules.diffusionmodules.util import GroupNorm32
+from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
+
+FP32_REORDERING = 1e-5
+BF16_MODEL_OUTPUT = 3e-2
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def unet_inputs(batch=2, size=8):
+    x = torch.randn(batch, 4, size, size, generator=seeded(1))
+    context = torch.randn(batch, 77, 32, generator=seeded(2))
+    return x, torch.tensor([10, 900][:batch]), context
+
+
+# --- GroupNorm in fp32 statistics -----------------------------------------------------------------------------
+def test_group_norm_of_bf16_equals_the_fp32_computation_rounded_once():
+    norm = GroupNorm32(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1, generator=seeded(0))
+        norm.bias.normal_(0, 0.1, generator=seeded(1))
+    # A large mean over a small spread: variance in bf16 arithmetic would lose it completely.
+    x = (torch.randn(2, 64, 16, 16, generator=seeded(2)) * 0.5 + 20).bfloat16()
+    reference = F.group_norm(x.float(), 32, norm.weight.bfloat16().float(), norm.bias.bfloat16().float(), norm.eps)
+    actual = norm.bfloat16()(x)
+    assert actual.dtype == torch.bfloat16
+    # Only the final rounding to bf16 differs: at most half a unit in the last place (2^-9 relative).
+    assert torch.allclose(actual.float(), reference, rtol=2**-8, atol=2**-8)
+
+
+def test_group_norm_of_fp32_input_with_bf16_weights_runs_in_fp32():
+    norm = GroupNorm32(32, 64).bfloat16()
+    x = torch.randn(2, 64, 4, 4, generator=seeded(3))
+    actual = norm(x)
+    assert actual.dtype == torch.float32
+    expected = F.group_norm(x, 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    assert torch.allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+# --- in-place ops at inference --------------------------------------------------------------------------------
+def test_inference_output_equals_the_autograd_output_and_training_still_backpropagates():
+    model = tiny_model()
+    unet = model.model.diffusion_model
+    x, t, context = unet_inputs()
+    with torch.inference_mode():
+        in_place = unet(x, t, context)
+        decoded_in_place = model.first_stage_model.decode(x)
+    with torch.enable_grad():
+        x_grad = x.clone().requires_grad_(True)
+        recorded = unet(x_grad, t, context)
+        decoded_recorded = model.first_stage_model.decode(x_grad)
+        (recorded.square().mean() + decoded_recorded.square().mean()).backward()
+    assert torch.equal(in_place, recorded.detach())
+    assert torch.equal(decoded_in_place, decoded_recorded.detach())
+    assert x_grad.grad is not None and torch.isfinite(x_grad.grad).all() and x_grad.grad.abs().sum() > 0
+
+
+def test_inference_leaves_its_inputs_untouched():
+    unet = tiny_model().model.diffusion_model
+    x, t, context = unet_inputs()
+    x_before, context_before = x.clone(), context.clone()
+    with torch.inference_mode():
+        unet(x, t, context)
+    assert torch.equal(x, x_before) and torch.equal(context, context_before)
+
+
+# --- channels-last --------------------------------------------------------------------------------------------
+def test_the_cpu_loader_stores_convolutions_channels_last_and_gives_the_contiguous_numbers(tiny_checkpoint):
+    loaded, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None)
+    plain = tiny_model()
+    convolutions = [m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    x, t, context = unet_inputs()
+    latent = torch.randn(1, 4, 16, 16, generator=seeded(4))
+    with torch.inference_mode():
+        unet_error = relative_error(loaded.apply_model(x, t, context), plain.apply_model(x, t, context))
+        decode_error = relative_error(loaded.decode_first_stage(latent), plain.decode_first_stage(latent))
+    assert unet_error < FP32_REORDERING and decode_error < FP32_REORDERING
+
+
+def test_place_weights_keeps_tied_weights_tied():
+    model = tiny_model()
+    shared = model.model.diffusion_model.out[2].weight
+    model.first_stage_model.decoder.conv_out.weight = shared
+    place_weights(model, "cpu", torch.bfloat16, channels_last=True)
+    assert model.first_stage_model.decoder.conv_out.weight is model.model.diffusion_model.out[2].weight
+    assert model.alphas_cumprod.dtype == torch.float32  # the schedules stay fp32 for the samplers
+
+
+# --- bf16 -----------------------------------------------------------------------------------------------------
+def test_bf16_unet_and_decoder_stay_close_to_fp32(tiny_checkpoint):
+    fp32, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None)
+    bf16, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None)
+    x, t, context = unet_inputs()
+    latent = torch.randn(1, 4, 16, 16, generator=seeded(4))
+    with torch.inference_mode():
+        unet_error = relative_error(bf16.apply_model(x.bfloat16(), t, context.bfloat16()).float(),
+                                    fp32.apply_model(x, t, context))
+        decode_error = relative_error(bf16.decode_first_stage(latent.bfloat16()).float(), fp32.decode_first_stage(latent))
+    assert unet_error < BF16_MODEL_OUTPUT, f"bf16 UNet output off by {unet_error:.1e}"
+    assert decode_error < BF16_MODEL_OUTPUT, f"bf16 decode off by {decode_error:.1e}"
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_the_sampler_sees_fp32(tiny_checkpoint):
+    """A whole guided DDIM run: the bf16 model's rounding must not be amplified by the sampler's arithmetic."""
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load_model(tiny_checkpoint, device="cpu", dtype=dtype, log=lambda message: None)
+        with torch.inference_mode():
+            cond = model.get_learned_conditioning(["a red circle"])
+            uncond = model.get_learned_conditioning([""])
+            denoiser = GuidedDenoiser(model, cond, uncond, scale=5.0)
+            start = torch.randn(1, 4, 8, 8, generator=seeded(5))
+            eps, x0 = denoiser(start, 500)
+            assert eps.dtype == x0.dtype == torch.float32
+            results[dtype] = sample("ddim", denoiser, start, 10)
+    assert results[torch.bfloat16].dtype == torch.float32
+    assert relative_error(results[torch.bfloat16], results[torch.float32]) < BF16_MODEL_OUTPUT
+
+
+# --- the loader gives back the checkpoint's pages -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.ckpt"])
+def test_released_checkpoint_pages_read_back_unchanged(tmp_path, name):
+    path = tmp_path / name
+    weights = {"big": torch.randn(300_000, generator=seeded(6)), "small": torch.randn(7, generator=seeded(7))}
+    if name.endswith(".ckpt"):
+        torch.save({"state_dict": weights}, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(weights, str(path))
+    state_dict, _ = read_checkpoint(path)
+    ranges = mapped_ranges(path)
+    assert ranges, "the checkpoint should be memory-mapped"
+    for tensor in state_dict.values():
+        release_file_pages(tensor, ranges)
+    for key, tensor in state_dict.items():
+        assert torch.equal(tensor, weights[key])  # paged in again from the file
+
+
+def test_release_never_touches_memory_outside_the_checkpoint(tmp_path):
+    path = write_tiny_checkpoint(tmp_path)
+    read_checkpoint(path)
+    anonymous = torch.randn(100_000, generator=seeded(8))
+    before = anonymous.clone()
+    release_file_pages(anonymous, mapped_ranges(path))
+    assert torch.equal(anonymous, before)
+
+
+def test_a_converted_load_holds_the_checkpoint_values(tiny_checkpoint):
+    state_dict, _ = read_checkpoint(tiny_checkpoint)
+    expected = {key: value.clone() for key, value in state_dict.items()}
+    model, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None)
+    for key, value in model.state_dict().items():
+        if key in expected and value.is_floating_point() and not key.startswith(("betas", "alphas", "sqrt", "log", "posterior")):
+            assert torch.equal(value, expected[key].to(value.dtype)), key
+
+
+# --- threads --------------------------------------------------------------------------------------------------
+def test_threads_default_to_physical_cores_unless_omp_num_threads_is_set(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        cores = loading.physical_cores()
+        assert 1 <= cores <= os.cpu_count()
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert loading.use_physical_cores() == cores
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert loading.use_physical_cores() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- one full-size SD 1.x UNet at a tiny latent ---------------------------------------------------------------
+@pytest.mark.slow
+def test_full_size_unet_bf16_and_channels_last_match_fp32():
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import REPO_ROOT, parameters_on_meta
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")
+    with parameters_on_meta():
+        unet = instantiate_from_config(config.model.params.unet_config)
+    generator = seeded(9)
+    weights = {}
+    for key, template in unet.state_dict().items():
+        value = torch.randn(template.shape, generator=generator)
+        weights[key] = value / math.sqrt(template[0].numel()) if template.ndim >= 2 else 1 + 0.1 * value
+    unet.load_state_dict(weights, assign=True)
+    unet.eval()
+    x = torch.randn(2, 4, 8, 8, generator=seeded(10))
+    t, context = torch.tensor([20, 800]), torch.randn(2, 77, 768, generator=seeded(11))
+    with torch.inference_mode():
+        expected = unet(x, t, context)
+        place_weights(torch.nn.ModuleList([unet]), "cpu", torch.float32, channels_last=True)
+        channels_last_error = relative_error(unet(x, t, context), expected)
+        place_weights(torch.nn.ModuleList([unet]), "cpu", torch.bfloat16, channels_last=True)
+        bf16_error = relative_error(unet(x, t, context).float(), expected)
+    assert channels_last_error < FP32_REORDERING
+    assert bf16_error < BF16_MODEL_OUTPUT
