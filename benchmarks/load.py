@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
 FILES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("ckpt", "fp32"), ("ckpt", "fp16")]
@@ -50,7 +52,6 @@ def diffusers_config_dir(workdir: Path) -> Path:
 # --- preparing the files (once) ---------------------------------------------------------------------------
 def random_sd1_state_dict():
     """Every parameter of the SD 1.x layout, uniformly random with standard deviation 1/sqrt(fan_in)."""
-    import torch
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import parameters_on_meta
@@ -71,7 +72,6 @@ def random_sd1_state_dict():
 
 def write_checkpoints(workdir: Path):
     import safetensors.torch
-    import torch
 
     missing = [(f, d) for f, d in FILES if not checkpoint_path(workdir, f, d).exists()]
     if not missing:
@@ -140,9 +140,13 @@ def peak_rss_bytes() -> int:
 
 
 def read_every_page(parameters) -> None:
-    """Touch one value per memory page of every weight: what the first denoising step would page in."""
+    """Touch one value per memory page of every weight: what the first denoising step would page in.
+
+    Through a flat view of the tensor's memory, not reshape(-1), which would copy a channels-last kernel.
+    """
     for parameter in parameters:
-        flat = parameter.detach().reshape(-1)
+        assert parameter.is_contiguous() or parameter.is_contiguous(memory_format=torch.channels_last)
+        flat = torch.as_strided(parameter.detach(), (parameter.numel(),), (1,))  # dense: every element once
         float(flat[:: max(1, PAGE_SIZE // flat.element_size())].sum())
 
 
@@ -158,7 +162,6 @@ def load_ours(path: Path):
 
 
 def load_theirs(path: Path, config_dir: Path):
-    import torch
     from diffusers import StableDiffusionPipeline
 
     def run():
@@ -173,7 +176,6 @@ def load_theirs(path: Path, config_dir: Path):
 
 def measure_in_this_process(implementation: str, path: Path, config_dir: Path) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
 
     run = load_ours(path) if implementation == "ours" else load_theirs(path, config_dir)
     start = time.perf_counter()

@@ -55,22 +55,21 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
-        return _read_zip_checkpoint(path)
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing): "
+                                  "download or copy it again")
+        return _read_pickle_checkpoint(path, mmap=True)
     if len(head) >= 9 and head[8:9] == b"{":
         return _read_safetensors(path, size)
-    if head[:1] == b"\x80":
-        raise CheckpointError(f"{path} is a legacy (non-zip) pickle checkpoint, which cannot be read safely: "
-                              "re-save it with torch.save or convert it to .safetensors")
+    if head[:1] == b"\x80":  # the legacy (pre-zip) torch.save format: read as safely, but into memory
+        return _read_pickle_checkpoint(path, mmap=False)
     raise CheckpointError(f"{path} is not a checkpoint (expected a .ckpt zip archive or a .safetensors file)")
 
 
-def _read_zip_checkpoint(path: Path):
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing): "
-                              "download or copy it again")
+def _read_pickle_checkpoint(path: Path, mmap: bool):
     try:
         with _lightning_placeholders():
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise CheckpointError(f"refusing to load {path}: it holds objects that would run code when unpickled "

@@ -129,7 +129,7 @@ def models(request, tmp_path_factory):
     """Ours and diffusers' models, loaded from one random full-size checkpoint.
 
     Module-scoped and parametrised: pytest finishes every test of one model before building the next,
-    so only one full-size model (about 5 GB of weights) is held at a time.
+    so only one full-size model (a few GB once its weights are paged in) is held at a time.
     """
     case = CASES[request.param]
     our_config_path = REPO / "configs" / "stable-diffusion" / case.our_config
