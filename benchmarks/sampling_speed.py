@@ -211,7 +211,9 @@ def end_to_end_in_a_fresh_process(side, precision, args, checkpoint_path) -> dic
     if done.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(label=label, image=image_path, weights=checkpoint_path.stat().st_size)
+    file_bytes_per_weight = 2 if "fp16" in checkpoint_path.name else 4
+    result.update(label=label, image=image_path, checkpoint=checkpoint_path.stat().st_size,
+                  weights=checkpoint_path.stat().st_size * DTYPES[precision].itemsize // file_bytes_per_weight)
     print(f"  {label}: load {result['load_s']:.1f} s, generate {result['generate_s']:.1f} s, "
           f"peak RSS {result['peak_rss'] / 1e9:.2f} GB", flush=True)
     return result
@@ -249,9 +251,10 @@ def end_to_end_table(results) -> str:
     for r in results:
         ratio = f"{r['generate_s'] / reference['generate_s']:.2f}" if reference else "-"
         rows.append([r["label"], f"{r['load_s']:.1f} s", f"{r['generate_s']:.1f} s", ratio,
-                     f"{r['peak_rss'] / 1e9:.2f} GB", f"{r['peak_rss'] / r['weights']:.2f}"])
+                     f"{r['peak_rss'] / 1e9:.2f} GB", f"{r['checkpoint'] / 1e9:.2f} GB", f"{r['weights'] / 1e9:.2f} GB",
+                     f"{r['peak_rss'] / r['weights']:.2f}"])
     return markdown(["run", "load", "generate (text + steps + decode)", "÷ diffusers fp32", "peak RSS",
-                     "peak RSS ÷ checkpoint size"], rows)
+                     "checkpoint file", "weights in the run's dtype", "peak RSS ÷ weights"], rows)
 
 
 # --- the whole comparison -------------------------------------------------------------------------------------
