@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     DDIMScheduler,
