@@ -1,6 +1,8 @@
 """The one factory: every model, encoder and schedule is built from a `{target, params}` config."""
 import importlib
 
+import torch
+
 
 def get_obj_from_str(path: str):
     module_name, _, attribute = path.rpartition(".")
@@ -22,3 +24,10 @@ def instantiate_from_config(config, **overrides):
 
 def count_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def batch_images_to_bchw(images: torch.Tensor) -> torch.Tensor:
+    """Dataset images are HWC in [-1, 1] (the CompVis convention), batched; the networks want BCHW fp32."""
+    if images.ndim == 3:
+        images = images[..., None]
+    return images.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format).float()

@@ -7,7 +7,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import batch_images_to_bchw, instantiate_from_config
 
 
 class AutoencoderKL(nn.Module):
@@ -39,11 +39,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
     def get_input(self, batch):
-        """Dataset images are HWC in [-1, 1] (the CompVis convention); the network wants BCHW."""
-        x = batch[self.image_key]
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format).float()
+        return batch_images_to_bchw(batch[self.image_key])
 
     def training_loss(self, batch):
         """(loss, logs) for one batch, with the configured loss (e.g. ldm.modules.losses)."""

@@ -14,7 +14,7 @@ from torch import nn
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_tensors
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import instantiate_from_config
+from ldm.util import batch_images_to_bchw, instantiate_from_config
 
 
 class DiffusionWrapper(nn.Module):
@@ -146,10 +146,7 @@ class DDPM(nn.Module):
         return batch
 
     def get_input(self, batch, key):
-        x = batch[key]
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format).float()
+        return batch_images_to_bchw(batch[key])
 
     def training_loss(self, batch):
         x = self.get_input(self.drop_conditioning(batch), self.first_stage_key)
