@@ -250,3 +250,25 @@ def test_bpe_text_transformer_default_size_stays_small():
     encoder = BPETextTransformer()
     assert encoder(["a cat"]).shape == (1, 77, 256)
     assert sum(p.numel() for p in encoder.parameters()) < 8_000_000
+
+
+def test_bpe_text_transformer_reads_each_word_in_its_context():
+    """With causal=True, as CLIP: a word's output depends on the words before it and on none after it, so that
+    "red circle ... blue background" and "blue circle ... red background" give the colour words
+    different outputs (the bag-of-words failure that swapped object and background colours)."""
+    torch.manual_seed(0)
+    encoder = BPETextTransformer(n_embed=64, n_layer=2, n_head=4, token_dim=16, max_length=16, causal=True)
+    with torch.no_grad():
+        red_first, blue_first, red_first_other_end = encoder.encode([
+            "a red circle on a blue background",
+            "a blue circle on a red background",
+            "a red circle on a green background",
+        ])
+    # Tokens: <start> a red circle on a blue background <end> ...; the colours sit at 2 and 6.
+    assert tokenize(["a red circle on a blue background"], SD1_PAD_TOKEN, 16)[1] == [9]
+    # Up to the first differing word, the outputs agree exactly; after it, they differ.
+    assert torch.equal(red_first[:6], red_first_other_end[:6])
+    assert not torch.allclose(red_first[6:], red_first_other_end[6:])
+    # The same colour word reads differently as the object's colour and as the background's.
+    cosine = torch.nn.functional.cosine_similarity(red_first[2], blue_first[6], dim=0)
+    assert cosine < 0.95
