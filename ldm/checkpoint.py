@@ -186,6 +186,9 @@ def parameters_on_meta():
     def register_on_meta(module, name, param):
         if param is not None and param.device.type != "meta":
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            # transformers (>= 5) skips initialising a tensor so flagged: random init of a meta placeholder
+            # is pure cost (0.16 s for CLIP-L's text tower).
+            param._is_hf_initialized = True
         original(module, name, param)
 
     nn.Module.register_parameter = register_on_meta
@@ -320,6 +323,21 @@ def _libc():
     return libc
 
 
+def channels_last_kernel(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy of a [O, I, kH, kW] kernel in the channels-last layout and `dtype`, in one pass.
+
+    Written as a dense copy out of the permuted [O, kH, kW, I] view: 2-4x faster than
+    `.to(memory_format=torch.channels_last)` (2.7 GB of SD 1.x kernels: ~0.5 s against 1.1-2.4 s here),
+    and 1×1 kernels of the right dtype, already in that layout, are not copied at all.
+    """
+    out_channels, in_channels, height, width = kernel.shape
+    nhwc = kernel.permute(0, 2, 3, 1)
+    if kernel.device.type != "cpu" or kernel.dtype != dtype or not nhwc.is_contiguous():
+        nhwc = torch.empty(nhwc.shape, dtype=dtype).copy_(nhwc)
+    # The strides .to(memory_format=torch.channels_last) gives, also for 1×1 kernels, whose layout is ambiguous.
+    return nhwc.as_strided(kernel.shape, (height * width * in_channels, 1, width * in_channels, in_channels))
+
+
 def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoint_file=None) -> nn.Module:
     """Every child module's floating-point tensors to device and dtype, one tensor at a time.
 
@@ -334,6 +352,7 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
     file's. The model's own buffers (the noise schedules) stay fp32, on `device`.
     """
     ranges = mapped_ranges(checkpoint_file) if checkpoint_file is not None else []
+    channels_last = channels_last and torch.device(device).type == "cpu"
     converted = {}  # id(old tensor) -> new one, so that tied weights stay tied
     for child in model.children():
         for module in child.modules():
@@ -342,10 +361,11 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
                     if tensor is None:
                         continue
                     if id(tensor) not in converted:
-                        kernel = channels_last and isinstance(module, nn.Conv2d) and name == "weight"
-                        # One copy for both the dtype and the layout: an fp16 file's kernels are not copied twice.
-                        new = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None,
-                                                 memory_format=torch.channels_last if kernel else torch.preserve_format)
+                        new_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                        if channels_last and isinstance(module, nn.Conv2d) and name == "weight":
+                            new = channels_last_kernel(tensor.detach(), new_dtype)
+                        else:
+                            new = tensor.detach().to(device=device, dtype=new_dtype)
                         if new.data_ptr() != tensor.data_ptr():
                             release_file_pages(tensor, ranges)
                         converted[id(tensor)] = nn.Parameter(new, requires_grad=False) if slots is module._parameters else new

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoint import load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
+from ldm.checkpoint import channels_last_kernel, load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
 from ldm.modules.diffusionmodules.util import GroupNorm32
@@ -107,6 +107,20 @@ def test_the_cpu_loader_stores_convolutions_channels_last_and_gives_the_contiguo
         unet_error = relative_error(loaded.apply_model(x, t, context), plain.apply_model(x, t, context))
         decode_error = relative_error(loaded.decode_first_stage(latent), plain.decode_first_stage(latent))
     assert unet_error < FP32_REORDERING and decode_error < FP32_REORDERING
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 3, 3), (8, 6, 1, 1), (5, 4, 3, 1)])
+@pytest.mark.parametrize("file_dtype,dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float32, torch.bfloat16)])
+def test_channels_last_kernel_is_the_channels_last_copy(shape, file_dtype, dtype):
+    kernel = torch.randn(shape, generator=seeded(5)).to(file_dtype)
+    expected = kernel.to(dtype=dtype, memory_format=torch.channels_last)
+    fast = channels_last_kernel(kernel, dtype)
+    assert fast.dtype == dtype and torch.equal(fast, expected) and fast.stride() == expected.stride()
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    # A 1×1 kernel already in its final dtype is NHWC as it is: no copy, the file's memory is used in place.
+    shares_memory = fast.data_ptr() == kernel.data_ptr()
+    assert shares_memory == (shape[2:] == (1, 1) and file_dtype == dtype)
 
 
 def test_place_weights_keeps_tied_weights_tied():
