@@ -313,11 +313,11 @@ def release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> N
     for start, stop in ranges:
         low, high = max(begin, start), min(end, stop)
         if low < high:
-            _libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
+            libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
 
 
 @functools.lru_cache(maxsize=None)
-def _libc():
+def libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc

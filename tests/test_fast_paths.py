@@ -1,5 +1,5 @@
 """The CPU fast paths give the same numbers as the plain ones: bf16, channels-last, in-place inference ops,
-the loader's page release, the thread count. Correctness only; speed is measured by
+the loader's page release, the thread count, the reuse of freed memory. Correctness only; speed is measured by
 benchmarks/sampling_speed.py, never here.
 
 Tolerances: fp32 paths that only change the summation order (channels-last kernels) agree to 1e-5
@@ -8,7 +8,11 @@ tiny UNet's ~20 layers those roundings add up like a random walk to about 1 %, s
 relative error on the model output. An error that large would be a bug (a wrong cast, stats in bf16).
 """
 import math
+import mmap
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from ldm.checkpoint import channels_last_kernel, load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
+from ldm.modules.diffusionmodules.util import Linear
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
 
@@ -123,6 +128,23 @@ def test_channels_last_kernel_is_the_channels_last_copy(shape, file_dtype, dtype
     assert shares_memory == (shape[2:] == (1, 1) and file_dtype == dtype)
 
 
+def test_linear_runs_cpu_inference_as_a_1x1_convolution_with_the_same_numbers(monkeypatch):
+    convolutions = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args: convolutions.append(args[0].shape) or real_conv2d(*args))
+    layer = Linear(48, 40)
+    tokens = torch.randn(2, 40, 64, generator=seeded(6))[..., :48]  # a non-contiguous [B, tokens, C] view
+    expected = F.linear(tokens, layer.weight, layer.bias)
+    with torch.inference_mode():
+        out = layer(tokens)
+        few_rows = layer(tokens[:, :1])
+    assert convolutions == [(1, 48, 80, 1)]  # 80 rows: the convolution; 2 rows: the matmul
+    assert out.shape == expected.shape and out.is_contiguous() and relative_error(out, expected) < FP32_REORDERING
+    assert torch.equal(few_rows, F.linear(tokens[:, :1], layer.weight, layer.bias))
+    assert torch.equal(layer(tokens), expected)  # training (gradients on) keeps the matmul
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
 def test_place_weights_keeps_tied_weights_tied():
     model = tiny_model()
     shared = model.model.diffusion_model.out[2].weight
@@ -213,6 +235,32 @@ def test_threads_default_to_physical_cores_unless_omp_num_threads_is_set(monkeyp
         assert loading.use_physical_cores() == 1
     finally:
         torch.set_num_threads(before)
+
+
+REFAULTS_OF_A_FREED_BLOCK = """
+import resource, sys, torch
+from ldm.generate import loading
+applied = loading.keep_freed_memory_for_reuse() if sys.argv[1] == "keep" else False
+def faults_of_one_activation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 20, dtype=torch.uint8)  # a 64 MB activation, written and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, [faults_of_one_activation() for step in range(4)][-1])  # as in the fourth sampling step
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_freed_activations_are_reused_without_page_faults():
+    def run(mode):
+        done = subprocess.run([sys.executable, "-c", REFAULTS_OF_A_FREED_BLOCK, mode], capture_output=True,
+                              text=True, check=True)
+        applied, faults = done.stdout.split()
+        return applied == "True", int(faults)
+
+    pages = (64 << 20) // mmap.PAGESIZE
+    assert run("default") == (False, pytest.approx(pages, rel=0.1))  # glibc maps and unmaps it every time
+    applied, faults = run("keep")
+    assert applied and faults < pages // 100  # it lands in memory an earlier one freed
 
 
 # --- one full-size SD 1.x UNet at a tiny latent ---------------------------------------------------------------

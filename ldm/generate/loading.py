@@ -1,11 +1,12 @@
 """Which checkpoint, config, device and dtype a run uses, and the loaded model with what scripts need of it."""
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
+from ldm.checkpoint import REPO_ROOT, CheckpointError, libc, load_model
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
 
@@ -64,6 +65,23 @@ def use_physical_cores() -> int:
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(physical_cores())
     return torch.get_num_threads()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of handing it back to the kernel.
+
+    By default every block over 32 MB (a 512×512 UNet's and VAE's activations) is mapped and unmapped
+    afresh, so each sampling step page-faults and zero-fills gigabytes again: ~9 % of a step here. With
+    no mmapped blocks and no trimming, the next step reuses the heap the last one freed; the peak is the
+    same, as every step allocates the same sizes. glibc only (elsewhere nothing changes); returns whether
+    it applied.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(libc().mallopt(M_MMAP_MAX, 0)) and bool(libc().mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
@@ -136,6 +154,7 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     dtype = resolve_dtype(precision, device)
     if device.type == "cpu":
         use_physical_cores()
+        keep_freed_memory_for_reuse()
     ckpt_path = resolve_checkpoint(ckpt, log)
     try:
         model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
