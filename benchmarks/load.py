@@ -16,10 +16,13 @@ its peak resident memory (VmHWM from /proc/self/status) is its own. Prints the m
   SD 1.5; with no hub access they are written locally from the same YAML by diffusers' own functions
   (`create_unet_diffusers_config_from_ldm`, ...), with a tokenizer made from our BPE vocabulary. The
   safety checker is left out (`safety_checker=None`), as ours has none.
+- Theirs + channels-last: the same, then `.to(memory_format=torch.channels_last)` on the UNet and VAE, the
+  layout diffusers' CPU advice asks for and the one our loader gives: the like-for-like comparison, since
+  a model in the plain layout pays the kernels' reorder inside every convolution instead.
 
-Both give fp32 models on a CPU, whatever the file's dtype. A memory-mapped loader can return before it has
+All give fp32 models on a CPU, whatever the file's dtype. A memory-mapped loader can return before it has
 read the weights, paying later at the first denoising step; so the time and peak memory measured here run
-until every weight has been read once (one value per memory page), which is when either model is ready to
+until every weight has been read once (one value per memory page), which is when each model is ready to
 sample. The page cache is warm: each file is read once before its loads are measured. Python imports are
 not timed, but they are in the peak memory (both sides import torch and transformers).
 """
@@ -37,6 +40,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+IMPLEMENTATIONS = ("ours", "theirs", "theirs-channels-last")
 FILES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("ckpt", "fp32"), ("ckpt", "fp16")]
 PAGE_SIZE = 4096
 
@@ -161,7 +165,7 @@ def load_ours(path: Path):
     return run
 
 
-def load_theirs(path: Path, config_dir: Path):
+def load_theirs(path: Path, config_dir: Path, channels_last: bool):
     from diffusers import StableDiffusionPipeline
 
     def run():
@@ -169,6 +173,9 @@ def load_theirs(path: Path, config_dir: Path):
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
+        if channels_last:  # what diffusers' CPU advice adds, and what our loader does for its kernels
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
         return [p for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder) for p in module.parameters()]
 
     return run
@@ -177,7 +184,8 @@ def load_theirs(path: Path, config_dir: Path):
 def measure_in_this_process(implementation: str, path: Path, config_dir: Path) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    run = load_ours(path) if implementation == "ours" else load_theirs(path, config_dir)
+    run = load_ours(path) if implementation == "ours" else \
+        load_theirs(path, config_dir, channels_last=implementation == "theirs-channels-last")
     start = time.perf_counter()
     parameters = run()
     read_every_page(parameters)
@@ -212,32 +220,32 @@ def compare(workdir: Path, repeats: int):
     for file_format, dtype in FILES:
         path = checkpoint_path(workdir, file_format, dtype)
         warm_page_cache(path)
-        runs = {"ours": [], "theirs": []}
+        runs = {implementation: [] for implementation in IMPLEMENTATIONS}
         for _ in range(repeats):
-            for implementation in ("ours", "theirs"):
+            for implementation in IMPLEMENTATIONS:
                 result = measure_in_a_fresh_process(implementation, path, diffusers_config_dir(workdir))
                 runs[implementation].append(result)
-                print(f"  {path.name:28s} {implementation:6s} {result['seconds']:6.1f} s  "
+                print(f"  {path.name:28s} {implementation:20s} {result['seconds']:6.1f} s  "
                       f"peak {gigabytes(result['peak_rss'])}  {result['dtypes']}", flush=True)
         rows.append((file_format, dtype, path.stat().st_size, runs))
     print_table(rows, repeats)
 
 
 def print_table(rows, repeats: int):
-    header = ["format", "dtype", "our time", "their time", "ratio", "our peak RSS", "their peak RSS", "weights size"]
+    header = ["file", "ours", "diffusers", "ours ÷ diffusers", "diffusers + channels-last", "ours ÷ that",
+              "peak RSS ours / diffusers / + c-l", "file size"]
     lines = [header]
     for file_format, dtype, size, runs in rows:
-        ours = statistics.mean(r["seconds"] for r in runs["ours"])
-        theirs = statistics.mean(r["seconds"] for r in runs["theirs"])
+        seconds = {side: statistics.mean(r["seconds"] for r in runs[side]) for side in IMPLEMENTATIONS}
+        peaks = " / ".join(gigabytes(statistics.mean(r["peak_rss"] for r in runs[side])) for side in IMPLEMENTATIONS)
         lines.append([
-            file_format, dtype, f"{ours:.1f} s", f"{theirs:.1f} s", f"{ours / theirs:.2f}",
-            gigabytes(statistics.mean(r["peak_rss"] for r in runs["ours"])),
-            gigabytes(statistics.mean(r["peak_rss"] for r in runs["theirs"])),
-            gigabytes(size),
+            f"{dtype} .{file_format}", f"{seconds['ours']:.2f} s", f"{seconds['theirs']:.2f} s",
+            f"{seconds['ours'] / seconds['theirs']:.2f}", f"{seconds['theirs-channels-last']:.2f} s",
+            f"{seconds['ours'] / seconds['theirs-channels-last']:.2f}", peaks, gigabytes(size),
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print(f"\nMeans of {repeats} loads each; time and peak RSS until every weight has been read once; "
-          "both give fp32 models.")
+          "all give fp32 models; ours stores convolution kernels channels-last, as the third column does.")
     for i, line in enumerate(lines):
         print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
         if i == 0:
