@@ -294,11 +294,11 @@ def main():
     if args.end_to_end_size:
         print(f"end to end, {args.end_to_end_size}x{args.end_to_end_size}, {args.steps} steps:", flush=True)
         checkpoint_path = common.sd1_checkpoint(args.workdir, "fp32")
-        runs = [("theirs", "fp32"), ("ours", "fp32"), ("ours", "bf16")]
+        runs = [("theirs", "fp32")] + [("ours", precision) for precision in args.precisions]
         results = [end_to_end_in_a_fresh_process(side, precision, args, checkpoint_path) for side, precision in runs]
         if args.fp16_checkpoint:
             fp16_checkpoint = common.sd1_checkpoint(args.workdir, "fp16")
-            results += [end_to_end_in_a_fresh_process("ours", precision, args, fp16_checkpoint) for precision in ("bf16", "fp32")]
+            results += [end_to_end_in_a_fresh_process("ours", precision, args, fp16_checkpoint) for precision in args.precisions]
 
     print(f"\nOne sampling step with guidance (batch-2 UNet call + DDIM update), median of {args.repeats}, "
           f"alternating; peak = best 4096² matmul in this run "
