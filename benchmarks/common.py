@@ -6,7 +6,9 @@ single-file conversion functions, configured from the users' original YAML
 (shared/reference/diffusers-offline.md), so both sides run the same weights.
 """
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -26,6 +28,24 @@ LATENT_SCALE = 0.18215
 ORIGINAL_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                      prediction_type="epsilon")
+
+
+# --- timing ---------------------------------------------------------------------------------------------------
+def seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def alternate(functions: dict, repeats: int) -> dict:
+    """Median seconds of each function, after one warm-up call each, the calls alternating."""
+    times = {name: [] for name in functions}
+    for function in functions.values():
+        function()
+    for _ in range(repeats):
+        for name, function in functions.items():
+            times[name].append(seconds(function))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # --- the checkpoint (benchmarks/load.py writes it once; reused here) --------------------------------------------

@@ -11,7 +11,6 @@ memory after each phase, and how many steps of this size it takes to win the com
 """
 import argparse
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,13 +55,9 @@ def main():
         output = compiled(latent, timesteps, context)
         compile_seconds = time.perf_counter() - start
         print(f"first compiled call: {compile_seconds:.1f} s, resident {resident_gb():.2f} GB", flush=True)
-        times = {"eager": [], "compiled": []}
-        for _ in range(args.repeats):
-            for name, function in (("eager", unet), ("compiled", compiled)):
-                start = time.perf_counter()
-                function(latent, timesteps, context)
-                times[name].append(time.perf_counter() - start)
-    eager, fast = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        times = common.alternate({"eager": lambda: unet(latent, timesteps, context),
+                                  "compiled": lambda: compiled(latent, timesteps, context)}, args.repeats)
+    eager, fast = times["eager"], times["compiled"]
     difference = ((output - expected).norm() / expected.norm()).item()
     saved = eager - fast
     payback = f"{(compile_seconds - fast) / saved:.0f} steps" if saved > 0 else "never"

@@ -13,9 +13,7 @@ The UNet has the SD 1.x architecture with the random weights of the checkpoint b
 """
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,23 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 from ldm.checkpoint import load_model  # noqa: E402
 from ldm.generate.loading import keep_freed_memory_for_reuse, use_physical_cores  # noqa: E402
 from ldm.modules.diffusionmodules.util import Linear  # noqa: E402
-
-
-def seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def alternate(functions: dict, repeats: int) -> dict:
-    """Median seconds of each function, after one warm-up call each, calls alternating."""
-    times = {name: [] for name in functions}
-    for function in functions.values():
-        function()
-    for _ in range(repeats):
-        for name, function in functions.items():
-            times[name].append(seconds(function))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @contextlib.contextmanager
@@ -89,7 +70,7 @@ def shape_table(shapes: Counter, repeats: int) -> list[str]:
         x, layer = torch.randn(rows, inputs), Linear(inputs, outputs)
         takes_matmul = rows < Linear.MIN_ROWS or inputs > Linear.MAX_IN_FEATURES
         with linear_limits(*ALWAYS):
-            times = alternate({"matmul": lambda: F.linear(x, layer.weight, layer.bias),
+            times = common.alternate({"matmul": lambda: F.linear(x, layer.weight, layer.bias),
                                "convolution": lambda: layer(x)}, repeats)
         flops = 2 * rows * inputs * outputs
         lines.append(f"| {rows} × {inputs} -> {outputs} | {calls} | {flops / times['matmul'] / 1e9:.0f} GFLOP/s | "
@@ -117,7 +98,7 @@ def main():
                 with linear_limits(*NEVER):
                     return call()
 
-            times = alternate({"F.linear everywhere": with_matmul, "Linear as shipped": call}, args.repeats)
+            times = common.alternate({"F.linear everywhere": with_matmul, "Linear as shipped": call}, args.repeats)
             difference = (call() - with_matmul()).norm() / with_matmul().norm()
             print(f"whole UNet call, median of {args.repeats}: F.linear everywhere {times['F.linear everywhere']:.2f} s,"
                   f" Linear as shipped {times['Linear as shipped']:.2f} s, ratio "

@@ -54,14 +54,8 @@ def matmul_peak(dtype, repeats=3, n=4096) -> float:
     """FLOP/s of the best of `repeats` n x n matmuls (after one warm-up)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(common.seconds(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
-
-
-def _seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 # --- 2. one sampling step -------------------------------------------------------------------------------------
@@ -144,7 +138,7 @@ def step_benchmark(args, peaks: dict) -> list[dict]:
                     steps[side]()
                 for _ in range(args.repeats):
                     for side in steps:
-                        times[side].append(_seconds(steps[side]))
+                        times[side].append(common.seconds(steps[side]))
                 row = {"size": size, "precision": precision, "flops": flops, "peak": peaks[precision],
                        "ours": statistics.median(times["ours"]), "theirs": statistics.median(times["theirs"]),
                        "all": times, "error": error if precision == "fp32" else None}
