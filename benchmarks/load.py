@@ -5,7 +5,7 @@
 Writes once, into --workdir, an SD 1.x checkpoint (v1-inference.yaml, 1.07 B parameters) with random
 weights in four files: .safetensors and .ckpt, each fp32 and fp16 (about 13 GB in all). Then loads each
 file with both implementations, alternating ours and theirs, each load in a fresh Python process so that
-its peak resident memory (VmHWM from /proc/self/status) is its own. Prints the means over --repeats.
+its peak resident memory (VmHWM from /proc/self/status) is its own. Prints the medians over --repeats (the first load of a file is sometimes 2-3x slower than the next).
 
 - Ours: `ldm.checkpoint.load_model(path, config_path=v1-inference.yaml)` (what `--ckpt ... --config ...`
   runs). On a CPU it copies the convolution kernels into the channels-last layout (paid once here, it
@@ -236,15 +236,15 @@ def print_table(rows, repeats: int):
               "peak RSS ours / diffusers / + c-l", "file size"]
     lines = [header]
     for file_format, dtype, size, runs in rows:
-        seconds = {side: statistics.mean(r["seconds"] for r in runs[side]) for side in IMPLEMENTATIONS}
-        peaks = " / ".join(gigabytes(statistics.mean(r["peak_rss"] for r in runs[side])) for side in IMPLEMENTATIONS)
+        seconds = {side: statistics.median(r["seconds"] for r in runs[side]) for side in IMPLEMENTATIONS}
+        peaks = " / ".join(gigabytes(statistics.median(r["peak_rss"] for r in runs[side])) for side in IMPLEMENTATIONS)
         lines.append([
             f"{dtype} .{file_format}", f"{seconds['ours']:.2f} s", f"{seconds['theirs']:.2f} s",
             f"{seconds['ours'] / seconds['theirs']:.2f}", f"{seconds['theirs-channels-last']:.2f} s",
             f"{seconds['ours'] / seconds['theirs-channels-last']:.2f}", peaks, gigabytes(size),
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    print(f"\nMeans of {repeats} loads each; time and peak RSS until every weight has been read once; "
+    print(f"\nMedians of {repeats} loads each; time and peak RSS until every weight has been read once; "
           "all give fp32 models; ours stores convolution kernels channels-last, as the third column does.")
     for i, line in enumerate(lines):
         print("| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |")
@@ -256,7 +256,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldm-bench"),
                         help="where the random checkpoints are written once and kept (about 13 GB)")
-    parser.add_argument("--repeats", type=int, default=2, help="loads per implementation and file")
+    parser.add_argument("--repeats", type=int, default=3, help="loads per implementation and file")
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "CHECKPOINT"), help=argparse.SUPPRESS)
     parser.add_argument("--config-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
