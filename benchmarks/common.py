@@ -30,7 +30,15 @@ ORIGINAL_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.01
                      prediction_type="epsilon")
 
 
-# --- timing ---------------------------------------------------------------------------------------------------
+# --- process settings and timing -----------------------------------------------------------------------------
+def use_our_process_settings() -> str:
+    """What our scripts set on a CPU (threads = physical cores, glibc keeping freed memory), said in a line."""
+    from ldm.generate.loading import keep_freed_memory_for_reuse, use_physical_cores
+
+    threads, reuse = use_physical_cores(), keep_freed_memory_for_reuse()
+    return f"torch {torch.__version__}, {threads} threads, freed memory kept for reuse: {reuse}"
+
+
 def seconds(function) -> float:
     start = time.perf_counter()
     function()

@@ -21,7 +21,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.generate.loading import keep_freed_memory_for_reuse, use_physical_cores  # noqa: E402
 
 
 def resident_gb() -> float:
@@ -39,9 +38,7 @@ def main():
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = args.freezing
-    threads, reuse = use_physical_cores(), keep_freed_memory_for_reuse()
-    print(f"torch {torch.__version__}, {threads} threads, freed memory kept for reuse: {reuse}, "
-          f"freezing: {args.freezing}", flush=True)
+    print(f"{common.use_our_process_settings()}, freezing: {args.freezing}", flush=True)
     model, _ = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None)
     unet = model.model.diffusion_model
     generator = torch.Generator().manual_seed(0)

@@ -24,7 +24,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.generate.loading import keep_freed_memory_for_reuse, use_physical_cores  # noqa: E402
 from ldm.modules.diffusionmodules.util import Linear  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def shape_table(shapes: Counter, repeats: int) -> list[str]:
         takes_matmul = rows < Linear.MIN_ROWS or inputs > Linear.MAX_IN_FEATURES
         with linear_limits(*ALWAYS):
             times = common.alternate({"matmul": lambda: F.linear(x, layer.weight, layer.bias),
-                               "convolution": lambda: layer(x)}, repeats)
+                                      "convolution": lambda: layer(x)}, repeats)
         flops = 2 * rows * inputs * outputs
         lines.append(f"| {rows} × {inputs} -> {outputs} | {calls} | {flops / times['matmul'] / 1e9:.0f} GFLOP/s | "
                      f"{flops / times['convolution'] / 1e9:.0f} GFLOP/s | {'matmul' if takes_matmul else 'convolution'} |")
@@ -84,8 +83,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    threads, reuse = use_physical_cores(), keep_freed_memory_for_reuse()
-    print(f"torch {torch.__version__}, {threads} threads, freed memory kept for reuse: {reuse}", flush=True)
+    print(common.use_our_process_settings(), flush=True)
     model, _ = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None)
     unet = model.model.diffusion_model
     with torch.inference_mode():

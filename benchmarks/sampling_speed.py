@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.generate.loading import keep_freed_memory_for_reuse, use_physical_cores  # noqa: E402
+from ldm.generate.loading import use_physical_cores  # noqa: E402
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample_ddim  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -274,10 +274,8 @@ def main():
         print(json.dumps(result))
         return
 
-    threads = use_physical_cores()
     # As our scripts do; in this process it speeds diffusers' steps as much as ours.
-    reuse = keep_freed_memory_for_reuse()
-    print(f"torch {torch.__version__}, {threads} threads, freed memory kept for reuse: {reuse}", flush=True)
+    print(common.use_our_process_settings(), flush=True)
     peaks = {precision: matmul_peak(DTYPES[precision]) for precision in args.precisions}
     print("4096² matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
     rows = step_benchmark(args, peaks) if args.sizes else []

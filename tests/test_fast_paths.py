@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from ldm.checkpoint import channels_last_kernel, load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
-from ldm.modules.diffusionmodules.util import Linear
-from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.diffusionmodules.util import GroupNorm32, Linear
 from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
 
 FP32_REORDERING = 1e-5
