@@ -2,14 +2,15 @@
 
     python benchmarks/sampling_speed.py [--sizes 256 512] [--repeats 3] [--end-to-end-size 512]
 
-1. Peak: a 4096x4096 matmul in fp32 and in bf16, best of a few, measured in this run (the machine is shared:
-   every figure below is relative to what the CPU gives at the time).
+1. Peak: the fastest dense kernel, best of a few, before and after the steps in this run (the machine is
+   shared: every figure below is relative to what the CPU gives at the time): MKL's 4096x4096 matmul and
+   oneDNN's 320-channel 3x3 convolution at 64x64, in each precision asked for.
 2. One sampling step with classifier-free guidance (a batch-2 UNet call, the guidance and the DDIM update)
    at each size, fp32 and bf16. Ours: `load_model` with dtype fp32 / bf16 (what `--precision full|bf16`
    loads). Theirs: UNet2DConditionModel from diffusers' single-file conversion functions, in channels-last
    memory format (faster for them on a CPU), and the same model `.to(torch.bfloat16)`. Ours and theirs are
-   timed alternately, median of --repeats; achieved FLOP/s (counted by torch's FlopCounterMode on our UNet)
-   as a fraction of the same-dtype matmul peak. Our fp32 guided output must equal theirs (rel. err. < 1e-4).
+   timed alternately, median of --repeats; achieved FLOP/s (counted by torch's FlopCounterMode on our UNet,
+   attention included) as a fraction of the same-dtype peak. Our fp32 guided output must equal theirs (rel. err. < 1e-4).
    Both run in this process with our scripts' process settings (threads = physical cores, glibc keeping
    freed memory for reuse), which help diffusers as much as us: the ratio is the models' own.
 3. End to end, each in a fresh process (peak RSS = VmHWM of that process, loading included): 20 DDIM steps
@@ -35,6 +36,8 @@ import common  # noqa: E402  (puts the repository on sys.path and sets HF_HUB_OF
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ldm.checkpoint import load_model  # noqa: E402
@@ -50,12 +53,27 @@ MAX_RELATIVE_ERROR = 1e-4
 
 
 # --- 1. the machine's peak ------------------------------------------------------------------------------------
-def matmul_peak(dtype, repeats=3, n=4096) -> float:
-    """FLOP/s of the best of `repeats` n x n matmuls (after one warm-up)."""
+def best_flops(function, flops: int, repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` calls, after one warm-up."""
+    function()
+    return flops / min(common.seconds(function) for _ in range(repeats))
+
+
+def dense_peaks(dtype) -> dict:
+    """The fastest dense kernels the CPU gives now: MKL's 4096² matmul, and oneDNN's 3×3 convolution at the
+    UNet's first level (320 channels, 64², batch 2, channels-last), which here outruns the matmul."""
+    n, channels, side = 4096, 320, 64
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = min(common.seconds(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
+    image = torch.randn(2, channels, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    kernel = torch.randn(channels, channels, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return {"matmul": best_flops(lambda: a @ b, 2 * n**3),
+                "conv": best_flops(lambda: F.conv2d(image, kernel, padding=1), 2 * 2 * channels**2 * 9 * side**2)}
+
+
+def describe_peaks(peaks: dict) -> str:
+    return ", ".join(f"{precision} " + ", ".join(f"{kernel} {flops / 1e9:.0f}" for kernel, flops in kernels.items())
+                     + " GFLOP/s" for precision, kernels in peaks.items())
 
 
 # --- 2. one sampling step -------------------------------------------------------------------------------------
@@ -99,7 +117,13 @@ def unet_flops(model, inputs: StepInputs) -> int:
     """Multiply-adds x 2 of one batch-2 UNet call, as torch counts them (convolutions, matmuls, attention)."""
     unet = model.model.diffusion_model
     latent = torch.cat([inputs.latent] * 2)
-    counter = FlopCounterMode(display=False)
+    # torch counts no FLOPs for the CPU's own flash-attention op (16 % of a 512² call): count it as the
+    # CUDA flash op is counted, two matmuls over every query-key pair.
+    def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
     with counter:
         unet(latent, torch.full((2,), inputs.timestep), inputs.context)
     return counter.get_total_flops()
@@ -109,7 +133,7 @@ def relative_error(ours, theirs) -> float:
     return ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
 
 
-def step_benchmark(args, peaks: dict) -> list[dict]:
+def step_benchmark(args) -> list[dict]:
     checkpoint_path = common.sd1_checkpoint(args.workdir, "fp32")
     ours = {precision: load_model(checkpoint_path, common.SD1_CONFIG, "cpu", DTYPES[precision], log=lambda m: None)[0]
             for precision in args.precisions}
@@ -139,7 +163,7 @@ def step_benchmark(args, peaks: dict) -> list[dict]:
                 for _ in range(args.repeats):
                     for side in steps:
                         times[side].append(common.seconds(steps[side]))
-                row = {"size": size, "precision": precision, "flops": flops, "peak": peaks[precision],
+                row = {"size": size, "precision": precision, "flops": flops,
                        "ours": statistics.median(times["ours"]), "theirs": statistics.median(times["theirs"]),
                        "all": times, "error": error if precision == "fp32" else None}
                 print(f"  {precision}: ours {row['ours']:.2f} s, theirs {row['theirs']:.2f} s "
@@ -229,17 +253,23 @@ def markdown(header, rows) -> str:
     return "\n".join(lines)
 
 
+def fractions_of_peaks(row, seconds: float) -> str:
+    if not row["flops"]:
+        return "-"
+    return " / ".join(f"{row['flops'] / seconds / row['peaks'][kernel]:.0%}" for kernel in ("matmul", "best"))
+
+
 def step_table(rows) -> str:
     fp32_theirs = {row["size"]: row["theirs"] for row in rows if row["precision"] == "fp32"}
     table = []
     for row in rows:
-        fraction = (lambda seconds: f"{row['flops'] / seconds / row['peak']:.0%}") if row["flops"] else (lambda s: "-")
         versus_fp32 = f"{row['ours'] / fp32_theirs[row['size']]:.2f}" if row["size"] in fp32_theirs else "-"
         table.append([f"{row['size']}²", row["precision"], f"{row['ours']:.2f} s", f"{row['theirs']:.2f} s",
-                      f"{row['ours'] / row['theirs']:.2f}", versus_fp32, fraction(row["ours"]), fraction(row["theirs"]),
+                      f"{row['ours'] / row['theirs']:.2f}", versus_fp32,
+                      fractions_of_peaks(row, row["ours"]), fractions_of_peaks(row, row["theirs"]),
                       f"{row['error']:.1e}" if row["error"] is not None else "-"])
     return markdown(["size", "dtype", "ours / step", "diffusers / step", "ours ÷ diffusers", "ours ÷ diffusers fp32",
-                     "ours % of peak", "diffusers % of peak", "fp32 rel. err."], table)
+                     "ours % of peak (matmul / best)", "diffusers % of peak (matmul / best)", "fp32 rel. err."], table)
 
 
 def end_to_end_table(results) -> str:
@@ -276,11 +306,13 @@ def main():
 
     # As our scripts do; in this process it speeds diffusers' steps as much as ours.
     print(common.use_our_process_settings(), flush=True)
-    peaks = {precision: matmul_peak(DTYPES[precision]) for precision in args.precisions}
-    print("4096² matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
-    rows = step_benchmark(args, peaks) if args.sizes else []
-    peaks_after = {precision: matmul_peak(DTYPES[precision]) for precision in args.precisions}
-    print("4096² matmul peak after: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks_after.items()))
+    before = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
+    print("peak before the steps: " + describe_peaks(before), flush=True)
+    rows = step_benchmark(args) if args.sizes else []
+    after = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
+    print("peak after the steps: " + describe_peaks(after), flush=True)
+    peaks = {precision: {"matmul": max(before[precision]["matmul"], after[precision]["matmul"]),
+                         "best": max(*before[precision].values(), *after[precision].values())} for precision in before}
 
     results = []
     if args.end_to_end_size:
@@ -293,12 +325,10 @@ def main():
             results += [end_to_end_in_a_fresh_process("ours", precision, args, fp16_checkpoint) for precision in args.precisions]
 
     print(f"\nOne sampling step with guidance (batch-2 UNet call + DDIM update), median of {args.repeats}, "
-          f"alternating; peak = best 4096² matmul in this run "
-          f"({', '.join(f'{p} {max(peaks[p], peaks_after[p]) / 1e9:.0f} GFLOP/s' for p in peaks)}):")
-    for precision in peaks:
-        peaks[precision] = max(peaks[precision], peaks_after[precision])
+          f"alternating; peaks of this run, before or after: the 4096² matmul and the fastest dense kernel "
+          f"({describe_peaks(peaks)}):")
     for row in rows:
-        row["peak"] = peaks[row["precision"]]
+        row["peaks"] = peaks[row["precision"]]
     if rows:
         print(step_table(rows))
     if results:
