@@ -73,3 +73,25 @@ def test_meta_build_leaves_schedules_real_and_exact():
     assert model.betas.device.type == "cpu"
     torch.testing.assert_close(model.betas, betas.float(), rtol=0, atol=0)
     torch.testing.assert_close(model.alphas_cumprod, torch.cumprod(1 - betas, 0).float(), rtol=0, atol=0)
+
+
+def test_meta_build_skips_initialisation_only_inside(monkeypatch):
+    calls = []
+    original = torch.nn.init.kaiming_uniform_
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counted)
+    with parameters_on_meta():
+        inside = torch.nn.Conv2d(4, 8, 3)
+    assert inside.weight.device.type == "meta" and calls == []
+    torch.manual_seed(0)
+    after = torch.nn.Conv2d(4, 8, 3)
+    assert calls == [(8, 4, 3, 3)]  # initialised as usual once the context is left
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    assert torch.equal(after.weight, torch.nn.Conv2d(4, 8, 3).weight) and after.weight.abs().sum() > 0
+    norm = torch.nn.GroupNorm(2, 8)
+    assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
