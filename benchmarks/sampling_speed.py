@@ -15,7 +15,7 @@
    freed memory for reuse), which help diffusers as much as us: the ratio is the models' own.
 3. End to end, each in a fresh process (peak RSS = VmHWM of that process, loading included): 20 DDIM steps
    with text encoding and VAE decode. Ours: `ldm.generate` txt2img (what scripts/txt2img.py runs, with its
-   process settings); theirs:
+   process settings; with --low-memory also as `--lowmem` runs it); theirs:
    StableDiffusionPipeline built from the same converted components and a DDIM scheduler set up like the
    originals, fed the same start noise.
 4. The PSNR of our bf16 image against our fp32 image (same seed, same start noise), and of our fp32 image
@@ -178,13 +178,14 @@ def end_to_end_in_this_process(side: str, precision: str, size: int, steps: int,
     """Load, then time text encoding + `steps` DDIM steps + VAE decode; write the image; peak RSS."""
     threads = use_physical_cores()
     start = time.perf_counter()
-    if side == "ours":
+    if side.startswith("ours"):
         from ldm.generate.loading import load
         from ldm.generate.output import OutputFolder
         from ldm.generate.run import Job
         from ldm.generate.txt2img import run_txt2img
 
-        loaded = load(str(checkpoint_path), str(common.SD1_CONFIG), "cpu", precision, log=lambda m: None)
+        loaded = load(str(checkpoint_path), str(common.SD1_CONFIG), "cpu", precision, log=lambda m: None,
+                      low_memory=side == "ours-lowmem")
         loaded_at = time.perf_counter()
         folder = OutputFolder(workdir / f"images-{side}-{precision}-{os.getpid()}")
         job = Job(batches=[[PROMPT]], steps=steps, scale=GUIDANCE_SCALE, height=size, width=size, seed=SEED,
@@ -295,6 +296,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps end to end")
     parser.add_argument("--fp16-checkpoint", action="store_true",
                         help="also run ours end to end from the fp16 checkpoint (peak RSS for small machines)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="also run ours end to end with --lowmem, from each checkpoint above")
     parser.add_argument("--child", nargs=4, metavar=("SIDE", "PRECISION", "CHECKPOINT", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -323,6 +326,10 @@ def main():
         if args.fp16_checkpoint:
             fp16_checkpoint = common.sd1_checkpoint(args.workdir, "fp16")
             results += [end_to_end_in_a_fresh_process("ours", precision, args, fp16_checkpoint) for precision in args.precisions]
+        if args.low_memory:
+            files = [checkpoint_path] + ([common.sd1_checkpoint(args.workdir, "fp16")] if args.fp16_checkpoint else [])
+            results += [end_to_end_in_a_fresh_process("ours-lowmem", precision, args, path)
+                        for path in files for precision in args.precisions]
 
     print(f"\nOne sampling step with guidance (batch-2 UNet call + DDIM update), median of {args.repeats}, "
           f"alternating; peaks of this run, before or after: the 4096² matmul and the fastest dense kernel "
@@ -336,7 +343,9 @@ def main():
         print(f"\nEnd to end, {args.end_to_end_size}x{args.end_to_end_size}, {args.steps} DDIM steps, scale "
               f"{GUIDANCE_SCALE}, one image, each run in a fresh process:")
         print(end_to_end_table(results))
-        for label, reference in (("ours-bf16", "ours-fp32"), ("ours-fp32", "theirs-fp32"), ("ours-bf16-from-fp16-file", "ours-bf16")):
+        comparisons = [("ours-bf16", "ours-fp32"), ("ours-fp32", "theirs-fp32"), ("ours-bf16-from-fp16-file", "ours-bf16")]
+        comparisons += [(label, label.replace("ours-lowmem", "ours")) for label in images if label.startswith("ours-lowmem")]
+        for label, reference in comparisons:
             if label in images and reference in images:
                 print(f"PSNR {label} vs {reference}: {psnr(images[label], images[reference]):.1f} dB")
 

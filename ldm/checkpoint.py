@@ -352,7 +352,8 @@ def channels_last_kernel(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return nhwc.as_strided(kernel.shape, (height * width * in_channels, 1, width * in_channels, in_channels))
 
 
-def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoint_file=None) -> nn.Module:
+def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoint_file=None,
+                  children=None) -> nn.Module:
     """Every child module's floating-point tensors to device and dtype, one tensor at a time.
 
     channels_last stores convolution kernels NHWC, the fast layout on a CPU: oneDNN's convolutions work
@@ -363,12 +364,15 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
 
     With checkpoint_file, the file's pages under each tensor that was copied (to another dtype or layout)
     are given back at once, so that loading peaks at about the final weights' size, not that plus the
-    file's. The model's own buffers (the noise schedules) stay fp32, on `device`.
+    file's. The model's own buffers (the noise schedules) stay fp32, on `device`. children: the names
+    of the child modules to place (default: all); the others are left as they are.
     """
     ranges = mapped_ranges(checkpoint_file) if checkpoint_file is not None else []
     channels_last = channels_last and torch.device(device).type == "cpu"
     converted = {}  # id(old tensor) -> new one, so that tied weights stay tied
-    for child in model.children():
+    for name, child in model.named_children():
+        if children is not None and name not in children:
+            continue
         for module in child.modules():
             for slots in (module._parameters, module._buffers):
                 for name, tensor in slots.items():
@@ -384,15 +388,79 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
                             release_file_pages(tensor, ranges)
                         converted[id(tensor)] = nn.Parameter(new, requires_grad=False) if slots is module._parameters else new
                     slots[name] = converted[id(tensor)]
-    return model.to(device)
+    for slots in (model._parameters, model._buffers):  # the model's own tensors (schedules), dtype kept
+        for name, tensor in slots.items():
+            if tensor is not None:
+                moved = tensor.detach().to(device)
+                slots[name] = nn.Parameter(moved, tensor.requires_grad) if slots is model._parameters else moved
+    return model
 
 
-def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None):
+class OneComponentAtATime:
+    """Low-memory mode: only the component in use is in the run's device, dtype and layout.
+
+    The big components (text encoder, UNet, autoencoder) stay as the checkpoint holds them, memory-mapped
+    and unread; `use(name)` converts that one (as place_weights would) and gives the one before back to
+    the file, its pages included. Memory then peaks at the UNet with its activations (3.4 of SD 1.x's
+    4.3 GB of fp32 weights) instead of the whole model plus the VAE decoder's activations, for about a
+    second of conversion per component switch. On CUDA it is what A1111 calls --medvram.
+    """
+
+    COMPONENTS = ("cond_stage_model", "model", "first_stage_model")
+
+    def __init__(self, model: nn.Module, device, dtype, checkpoint_file):
+        self.model, self.device, self.dtype, self.checkpoint_file = model, device, dtype, checkpoint_file
+        self.as_read = {name: self.tensors_of(getattr(model, name)) for name in self.names(model)}
+        self.current = None
+
+    @classmethod
+    def names(cls, model: nn.Module) -> list[str]:
+        return [name for name in cls.COMPONENTS if isinstance(getattr(model, name, None), nn.Module)]
+
+    @staticmethod
+    def tensors_of(component: nn.Module) -> dict:
+        """{(module, slots, name): tensor} for every parameter and buffer, to put back on release."""
+        return {(module, slots_name, name): tensor
+                for module in component.modules() for slots_name in ("_parameters", "_buffers")
+                for name, tensor in getattr(module, slots_name).items() if tensor is not None}
+
+    def use(self, name: str):
+        if name == self.current or name not in self.as_read:
+            return
+        self.release()
+        place_weights(self.model, self.device, self.dtype, channels_last=torch.device(self.device).type == "cpu",
+                      checkpoint_file=self.checkpoint_file, children=[name])
+        self.current = name
+
+    def release(self):
+        """The component in use back to the file's tensors; its converted copies are freed."""
+        if self.current is None:
+            return
+        ranges = mapped_ranges(self.checkpoint_file)
+        for (module, slots_name, name), tensor in self.as_read[self.current].items():
+            getattr(module, slots_name)[name] = tensor
+            release_file_pages(tensor, ranges)  # also the pages read in place (fp32 file, fp32 run)
+        self.current = None
+        give_freed_memory_back()
+
+
+def give_freed_memory_back() -> None:
+    """Return the heap's free pages to the kernel (glibc's malloc_trim): the next component's copies and
+    activations may not fit the holes the last one left, and would otherwise grow the process."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None,
+               low_memory=False):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
 
     customize: None, or a callable (state_dict, config) -> (state_dict, constructor overrides), called once
     the checkpoint is read and the config chosen, before building. It lets a script add tensors kept in
     another file (depth2img's --midas) or build the model without a part it will not use.
+    low_memory: convert the text encoder, UNet and autoencoder only when used, one at a time, through
+    the OneComponentAtATime kept as `model.components_on_demand` (None otherwise).
     Returns (model in eval mode, OmegaConf config actually used).
     """
     state_dict, _ = read_checkpoint(ckpt_path)
@@ -412,16 +480,29 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
         model = instantiate_from_config(config.model, **overrides)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)
     dtype = dtype or default_dtype(device)
-    place_weights(model, device, dtype, channels_last=torch.device(device).type == "cpu", checkpoint_file=ckpt_path)
+    on_demand = OneComponentAtATime.names(model) if low_memory else []
+    place_weights(model, device, dtype, channels_last=torch.device(device).type == "cpu", checkpoint_file=ckpt_path,
+                  children=[name for name, _ in model.named_children() if name not in on_demand])
     model.eval().requires_grad_(False)
+    model.components_on_demand = OneComponentAtATime(model, device, dtype, ckpt_path) if low_memory else None
 
     if config_was_guessed and config_path.name == "v2-inference.yaml" and \
-            is_v_prediction(model.model.diffusion_model, config.model.params.unet_config.params.context_dim):
+            is_v_prediction(use_component(model, "model").diffusion_model,
+                            config.model.params.unet_config.params.context_dim):
         # eps and v checkpoints of SD 2.x have the same keys: only the probe tells them apart.
         config_path = CONFIG_DIR / "v2-inference-v.yaml"
         config = OmegaConf.load(config_path)
         model.parameterization = "v"
         model.image_size = config.model.params.image_size
-    log(f"{report}; config {config_path.name}, {str(dtype).replace('torch.', '')} on {device}")
+    log(f"{report}; config {config_path.name}, {str(dtype).replace('torch.', '')} on {device}"
+        + (" (low memory: one component at a time)" if low_memory else ""))
     return model, config
+
+
+def use_component(model: nn.Module, name: str) -> nn.Module:
+    """The model's child `name`, ready to run (converted first in low-memory mode)."""
+    on_demand = getattr(model, "components_on_demand", None)
+    if on_demand is not None:
+        on_demand.use(name)
+    return getattr(model, name)
 

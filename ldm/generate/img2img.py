@@ -49,6 +49,7 @@ class InitImage:
 
     def encode(self, loaded):
         model = loaded.model
+        loaded.use("first_stage_model")
         posterior = model.encode_first_stage(self.pixels.to(loaded.device, loaded.dtype))
         self.mean, self.std = posterior.mean.float(), posterior.std.float()
         self.scale_factor = model.scale_factor

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import REPO_ROOT, CheckpointError, libc, load_model
+from ldm.checkpoint import REPO_ROOT, CheckpointError, libc, load_model, use_component
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
 
@@ -146,6 +146,11 @@ class LoadedModel:
         raise UserError(f"{self.ckpt_path.name} is {_article(self.kind)} {self.kind} model, but {script} needs "
                         f"{_article(kinds[0])} {' or '.join(kinds)} model: use {scripts} with it")
 
+    def use(self, component: str) -> torch.nn.Module:
+        """The model's text encoder, UNet or autoencoder ("cond_stage_model", "model", "first_stage_model"),
+        ready to run: in low-memory mode it is converted now and the one used before is given back."""
+        return use_component(self.model, component)
+
     def autocast(self):
         """fp16 autocast on CUDA (as the originals' --precision autocast); a no-op elsewhere."""
         enabled = self.device.type == "cuda" and self.dtype == torch.float16
@@ -157,8 +162,8 @@ def _article(word: str) -> str:
 
 
 def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print,
-         customize=None) -> LoadedModel:
-    """The model for a run; `customize` as in ldm.checkpoint.load_model."""
+         customize=None, low_memory=False) -> LoadedModel:
+    """The model for a run; `customize` and `low_memory` as in ldm.checkpoint.load_model."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
     if device.type == "cpu":
@@ -170,7 +175,7 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     ckpt_path = resolve_checkpoint(ckpt, log)
     try:
         model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
-                                         customize=customize)
+                                         customize=customize, low_memory=low_memory)
     except CheckpointError as error:
         raise UserError(str(error)) from None
     factor = model.first_stage_model.downsampling_factor

@@ -85,15 +85,16 @@ class SeededNoise:
 class Conditioner:
     """Text embeddings, computed once per distinct batch of prompts and reused across iterations."""
 
-    def __init__(self, model, log):
-        self.model, self.log = model, log
+    def __init__(self, loaded, log):
+        self.loaded, self.log = loaded, log
         self.cache = {}
 
     def __call__(self, prompts: list[str]):
         key = tuple(prompts)
         if key not in self.cache:
-            self.cache[key] = self.model.get_learned_conditioning(list(prompts))
-            counts = getattr(self.model.cond_stage_model, "last_token_counts", None) or []
+            encoder = self.loaded.use("cond_stage_model")
+            self.cache[key] = self.loaded.model.get_learned_conditioning(list(prompts))
+            counts = getattr(encoder, "last_token_counts", None) or []
             for line in dict.fromkeys(truncation_warnings(prompts, counts)):  # each cut prompt once
                 self.log(line)
         return self.cache[key]
@@ -166,6 +167,7 @@ def image_problem(decoded_image: torch.Tensor) -> str | None:
 def decode(loaded, latents: torch.Tensor) -> torch.Tensor:
     """decode_first_stage, in overlapping tiles when the output is over DECODE_TILED_ABOVE_PIXELS."""
     model, factor = loaded.model, loaded.downsampling_factor
+    loaded.use("first_stage_model")
     latents = latents.to(loaded.device, loaded.dtype)
     if needs_tiling(latents.shape, factor):
         return decode_tiled(model.decode_first_stage, latents, factor)
@@ -188,7 +190,7 @@ class _Run:
     def __init__(self, job, task, loaded, folder, log, stop):
         self.job, self.task, self.loaded, self.folder, self.log, self.stop = job, task, loaded, folder, log, stop
         self.noise = SeededNoise(job.seed, job.fixed_code)
-        self.condition = Conditioner(loaded.model, log)
+        self.condition = Conditioner(loaded, log)
         self.watermark = Watermarker(loaded.watermark_text if job.watermark else None)
         self.report, self.grid_images, self.tiling_announced = RunReport(), [], False
         self.total_batches = job.n_iter * len(job.batches)
@@ -221,6 +223,7 @@ class _Run:
         start = self.task.start(BatchInputs(prompts, cond, uncond, self.noise, job, self.loaded))
         latents = start.latents.to(self.loaded.device)
         if start.skip_steps < job.steps:
+            self.loaded.use("model")
             denoiser = GuidedDenoiser(model, start.cond, start.uncond, job.scale)
             with progress_bar(job.steps - start.skip_steps, f"batch {number}/{self.total_batches}") as bar:
                 latents = sample(job.sampler, denoiser, latents, job.steps, skip_steps=start.skip_steps, eta=job.eta,
