@@ -206,3 +206,14 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(checkpoints, inputs, tmp
     for text in expected:
         assert text in result.stderr
     assert not list(out.rglob("*.png"))
+
+
+def test_low_memory_mode_makes_the_same_pictures(checkpoints, inputs, tmp_path):
+    pictures = []
+    for mode in ([], ["--lowmem"]):
+        out = tmp_path / (mode[0] if mode else "normal")
+        result = depth2img("--ckpt", checkpoints["depth"], "--init-img", inputs["image"], "--depth_map", inputs["depth"],
+                           "--n_samples", 1, "--ddim_steps", 2, "--skip_grid", "--outdir", out, *mode)
+        assert result.returncode == 0, result.stderr
+        pictures.append(np.asarray(Image.open(out / "samples" / "00000.png")))
+    assert np.array_equal(*pictures)

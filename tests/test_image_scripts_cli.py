@@ -139,3 +139,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, ckpts, files, tm
     assert expected in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("script,ckpt,extra", [
+    ("inpaint", "inpaint", ["--mask", "{mask}", "--ddim_steps", 3]),
+    ("upscale", "upscale", ["--ddim_steps", 2, "--noise_level", 100]),
+])
+def test_low_memory_mode_makes_the_same_pictures(ckpts, files, tmp_path, monkeypatch, capsys, script, ckpt, extra):
+    pictures = []
+    for mode in ([], ["--lowmem"]):
+        out = tmp_path / (mode[0] if mode else "normal")
+        argv = ["--ckpt", ckpts[ckpt], "--init-img", files["picture"], "--outdir", out, "--n_samples", 1, "--skip_grid",
+                *[str(arg).format(mask=files["mask"]) for arg in extra], *mode]
+        status, err = main_in_process(script, argv, monkeypatch, capsys)
+        assert status == 0, err
+        (sample,) = (out / "samples").iterdir()
+        pictures.append(np.asarray(Image.open(sample)))
+    assert np.array_equal(*pictures)
