@@ -370,8 +370,8 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
     ranges = mapped_ranges(checkpoint_file) if checkpoint_file is not None else []
     channels_last = channels_last and torch.device(device).type == "cpu"
     converted = {}  # id(old tensor) -> new one, so that tied weights stay tied
-    for name, child in model.named_children():
-        if children is not None and name not in children:
+    for child_name, child in model.named_children():
+        if children is not None and child_name not in children:
             continue
         for module in child.modules():
             for slots in (module._parameters, module._buffers):
