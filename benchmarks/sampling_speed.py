@@ -286,6 +286,20 @@ def end_to_end_table(results) -> str:
 
 
 # --- the whole comparison -------------------------------------------------------------------------------------
+def steps_with_peaks(args) -> tuple[list[dict], dict]:
+    """The step timings, and per precision the matmul peak and the fastest dense kernel before or after them."""
+    before = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
+    print("peak before the steps: " + describe_peaks(before), flush=True)
+    rows = step_benchmark(args)
+    after = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
+    print("peak after the steps: " + describe_peaks(after), flush=True)
+    peaks = {precision: {"matmul": max(before[precision]["matmul"], after[precision]["matmul"]),
+                         "best": max(*before[precision].values(), *after[precision].values())} for precision in before}
+    for row in rows:
+        row["peaks"] = peaks[row["precision"]]
+    return rows, peaks
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=common.DEFAULT_WORKDIR, help="where the checkpoint is kept")
@@ -309,13 +323,7 @@ def main():
 
     # As our scripts do; in this process it speeds diffusers' steps as much as ours.
     print(common.use_our_process_settings(), flush=True)
-    before = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
-    print("peak before the steps: " + describe_peaks(before), flush=True)
-    rows = step_benchmark(args) if args.sizes else []
-    after = {precision: dense_peaks(DTYPES[precision]) for precision in args.precisions}
-    print("peak after the steps: " + describe_peaks(after), flush=True)
-    peaks = {precision: {"matmul": max(before[precision]["matmul"], after[precision]["matmul"]),
-                         "best": max(*before[precision].values(), *after[precision].values())} for precision in before}
+    rows, peaks = steps_with_peaks(args) if args.sizes else ([], {})
 
     results = []
     if args.end_to_end_size:
@@ -331,12 +339,10 @@ def main():
             results += [end_to_end_in_a_fresh_process("ours-lowmem", precision, args, path)
                         for path in files for precision in args.precisions]
 
-    print(f"\nOne sampling step with guidance (batch-2 UNet call + DDIM update), median of {args.repeats}, "
-          f"alternating; peaks of this run, before or after: the 4096² matmul and the fastest dense kernel "
-          f"({describe_peaks(peaks)}):")
-    for row in rows:
-        row["peaks"] = peaks[row["precision"]]
     if rows:
+        print(f"\nOne sampling step with guidance (batch-2 UNet call + DDIM update), median of {args.repeats}, "
+              f"alternating; peaks of this run, before or after: the 4096² matmul and the fastest dense kernel "
+              f"({describe_peaks(peaks)}):")
         print(step_table(rows))
     if results:
         images = {r["label"]: np.load(r["image"]) for r in results}
