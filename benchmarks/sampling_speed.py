@@ -10,7 +10,8 @@
    loads). Theirs: UNet2DConditionModel from diffusers' single-file conversion functions, in channels-last
    memory format (faster for them on a CPU), and the same model `.to(torch.bfloat16)`. Ours and theirs are
    timed alternately, median of --repeats; achieved FLOP/s (counted by torch's FlopCounterMode on our UNet,
-   attention included) as a fraction of the same-dtype peak. Our fp32 guided output must equal theirs (rel. err. < 1e-4).
+   attention included) as a fraction of both same-dtype peaks. Our fp32 guided output must equal theirs
+   (rel. err. < 1e-4).
    Both run in this process with our scripts' process settings (threads = physical cores, glibc keeping
    freed memory for reuse), which help diffusers as much as us: the ratio is the models' own.
 3. End to end, each in a fresh process (peak RSS = VmHWM of that process, loading included): 20 DDIM steps
