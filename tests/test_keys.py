@@ -95,3 +95,11 @@ def test_meta_build_skips_initialisation_only_inside(monkeypatch):
     assert torch.equal(after.weight, torch.nn.Conv2d(4, 8, 3).weight) and after.weight.abs().sum() > 0
     norm = torch.nn.GroupNorm(2, 8)
     assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
+
+
+def test_sd1_inpainting_config_is_sd1_with_a_nine_channel_unet_input():
+    reference = read_reference_keys("v1.tsv")
+    first_convolution = "model.diffusion_model.input_blocks.0.0.weight"
+    reference[first_convolution] = ((320, 9, 3, 3), reference[first_convolution][1])
+    model = build_on_meta(REPO / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml")
+    assert_same_rows(state_dict_rows(model), reference)

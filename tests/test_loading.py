@@ -289,6 +289,15 @@ def test_the_yaml_beside_the_checkpoint_wins(tmp_path):
     assert find_config(ckpt, sd1) == beside
 
 
+def test_an_sd1_inpainting_checkpoint_finds_its_shipped_config(tmp_path):
+    # Its keys and shapes against that config: tests/test_keys.py.
+    sd15_inpainting = with_unet_input_channels(reference_state_dict_on_meta("v1.tsv"), 9)
+    config = find_config(tmp_path / "sd-v1-5-inpainting.ckpt", sd15_inpainting)
+    assert config == CONFIG_DIR / "v1-inpainting-inference.yaml"
+    model = build_on_meta(config)
+    assert type(model).__name__ == "LatentInpaintDiffusion" and model.model.conditioning_key == "hybrid"
+
+
 def test_the_yaml_beside_a_checkpoint_is_used_to_load_it(tmp_path, tiny_weights):
     path = write_checkpoint(tmp_path / "tiny.ckpt", tiny_weights, "ckpt")
     with pytest.raises(CheckpointError) as error:
