@@ -399,14 +399,14 @@ def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoi
 class OneComponentAtATime:
     """Low-memory mode: only the component in use is in the run's device, dtype and layout.
 
-    The big components (text encoder, UNet, autoencoder) stay as the checkpoint holds them, memory-mapped
-    and unread; `use(name)` converts that one (as place_weights would) and gives the one before back to
-    the file, its pages included. Memory then peaks at the UNet with its activations (3.4 of SD 1.x's
+    The big components (text encoder, UNet, autoencoder, depth estimator) stay as the checkpoint holds
+    them, memory-mapped and unread; `use(name)` converts that one (as place_weights would) and gives the
+    one before back to the file, its pages included. Memory then peaks at the UNet with its activations (3.4 of SD 1.x's
     4.3 GB of fp32 weights) instead of the whole model plus the VAE decoder's activations, for about a
     second of conversion per component switch. On CUDA it is what A1111 calls --medvram.
     """
 
-    COMPONENTS = ("cond_stage_model", "model", "first_stage_model")
+    COMPONENTS = ("cond_stage_model", "model", "first_stage_model", "depth_model")
 
     def __init__(self, model: nn.Module, device, dtype, checkpoint_file):
         self.model, self.device, self.dtype, self.checkpoint_file = model, device, dtype, checkpoint_file

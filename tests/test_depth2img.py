@@ -95,13 +95,17 @@ def test_other_families_are_left_to_be_refused_by_name():
     assert depth_source("t.ckpt", False, "m.pt")(state_dict, OmegaConf.load(TINY_CONFIG)) == (state_dict, {})
 
 
-def test_loader_builds_without_the_estimator_when_a_depth_map_is_given(tmp_path):
-    # The tiny depth config with a small stand-in estimator that has weights (depth_model.weight/.bias).
+def checkpoint_with_a_stand_in_estimator(tmp_path):
+    """The tiny depth model with a small estimator that has weights (depth_model.weight/.bias)."""
     config = OmegaConf.load(DEPTH_TINY)
     config.model.params.depth_stage_config = {"target": "torch.nn.Conv2d",
                                               "params": {"in_channels": 3, "out_channels": 1, "kernel_size": 1}}
     OmegaConf.save(config, tmp_path / "with-estimator.yaml")
-    ckpt = write_tiny_checkpoint(tmp_path, "d.safetensors", config=tmp_path / "with-estimator.yaml")
+    return write_tiny_checkpoint(tmp_path, "d.safetensors", config=tmp_path / "with-estimator.yaml")
+
+
+def test_loader_builds_without_the_estimator_when_a_depth_map_is_given(tmp_path):
+    ckpt = checkpoint_with_a_stand_in_estimator(tmp_path)
 
     def load(depth_map_given):
         return loading.load(str(ckpt), None, "cpu", "full", log=lambda _: None,
@@ -109,6 +113,21 @@ def test_loader_builds_without_the_estimator_when_a_depth_map_is_given(tmp_path)
 
     assert isinstance(load(False).depth_model, torch.nn.Conv2d)
     assert load(True).depth_model is None
+
+
+def test_low_memory_mode_converts_the_estimator_only_to_estimate(tmp_path):
+    ckpt = checkpoint_with_a_stand_in_estimator(tmp_path)
+    pictures, used = [], []
+    for low_memory in (False, True):
+        loaded = loading.load(str(ckpt), None, "cpu", "full", log=lambda _: None,
+                              customize=depth_source(ckpt, False), low_memory=low_memory)
+        if low_memory:
+            real_use = loaded.use
+            loaded.use = lambda name: used.append(name) or real_use(name)
+        pictures.append(depth_run(loaded, tmp_path, None, f"low-{low_memory}"))
+    assert np.array_equal(*pictures)
+    assert used.index("depth_model") < used.index("model")  # estimated before sampling, then given back
+    assert loaded.model.components_on_demand.current == "first_stage_model"
 
 
 def test_midas_file_of_another_model_is_refused(tmp_path):

@@ -149,6 +149,7 @@ class DepthToImage(Task):
             self.init.encode(loaded)
         depth = self.depth_map
         if depth is None:
+            loaded.use("depth_model")
             depth = model.estimate_depth(self.init.pixels.to(loaded.device, loaded.dtype))
         latent_size = (job.height // loaded.downsampling_factor, job.width // loaded.downsampling_factor)
         self.depth = normalized_depth(depth, latent_size).to(loaded.device)

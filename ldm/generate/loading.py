@@ -147,8 +147,9 @@ class LoadedModel:
                         f"{_article(kinds[0])} {' or '.join(kinds)} model: use {scripts} with it")
 
     def use(self, component: str) -> torch.nn.Module:
-        """The model's text encoder, UNet or autoencoder ("cond_stage_model", "model", "first_stage_model"),
-        ready to run: in low-memory mode it is converted now and the one used before is given back."""
+        """The model's text encoder, UNet, autoencoder or depth estimator ("cond_stage_model", "model",
+        "first_stage_model", "depth_model"), ready to run: in low-memory mode it is converted now and the
+        one used before is given back."""
         return use_component(self.model, component)
 
     def autocast(self):
