@@ -401,9 +401,9 @@ class OneComponentAtATime:
 
     The big components (text encoder, UNet, autoencoder, depth estimator) stay as the checkpoint holds
     them, memory-mapped and unread; `use(name)` converts that one (as place_weights would) and gives the
-    one before back to the file, its pages included. Memory then peaks at the UNet with its activations (3.4 of SD 1.x's
-    4.3 GB of fp32 weights) instead of the whole model plus the VAE decoder's activations, for about a
-    second of conversion per component switch. On CUDA it is what A1111 calls --medvram.
+    one before back to the file, its pages included. Memory then peaks at the UNet with its activations
+    (3.4 of SD 1.x's 4.3 GB of fp32 weights) instead of the whole model plus the VAE decoder's
+    activations, for 0.1-1.2 s of conversion per component switch. On CUDA it is A1111's --medvram.
     """
 
     COMPONENTS = ("cond_stage_model", "model", "first_stage_model", "depth_model")
@@ -428,8 +428,8 @@ class OneComponentAtATime:
         if name == self.current or name not in self.as_read:
             return
         self.release()
-        place_weights(self.model, self.device, self.dtype, channels_last=torch.device(self.device).type == "cpu",
-                      checkpoint_file=self.checkpoint_file, children=[name])
+        place_weights(self.model, self.device, self.dtype, channels_last=True, checkpoint_file=self.checkpoint_file,
+                      children=[name])
         self.current = name
 
     def release(self):
@@ -459,8 +459,8 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     customize: None, or a callable (state_dict, config) -> (state_dict, constructor overrides), called once
     the checkpoint is read and the config chosen, before building. It lets a script add tensors kept in
     another file (depth2img's --midas) or build the model without a part it will not use.
-    low_memory: convert the text encoder, UNet and autoencoder only when used, one at a time, through
-    the OneComponentAtATime kept as `model.components_on_demand` (None otherwise).
+    low_memory: convert the text encoder, UNet, autoencoder and depth estimator only when used, one at a
+    time, through the OneComponentAtATime kept as `model.components_on_demand` (None otherwise).
     Returns (model in eval mode, OmegaConf config actually used).
     """
     state_dict, _ = read_checkpoint(ckpt_path)
@@ -481,7 +481,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)
     dtype = dtype or default_dtype(device)
     on_demand = OneComponentAtATime.names(model) if low_memory else []
-    place_weights(model, device, dtype, channels_last=torch.device(device).type == "cpu", checkpoint_file=ckpt_path,
+    place_weights(model, device, dtype, channels_last=True, checkpoint_file=ckpt_path,  # on CPUs only
                   children=[name for name, _ in model.named_children() if name not in on_demand])
     model.eval().requires_grad_(False)
     model.components_on_demand = OneComponentAtATime(model, device, dtype, ckpt_path) if low_memory else None
