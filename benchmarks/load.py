@@ -187,7 +187,8 @@ def load_theirs(path: Path, config_dir: Path, channels_last: bool):
 def load_tensors_only(path: Path):
     """The floor for any loader that gives what ours gives: the file's tensors as fp32, convolution kernels
     channels-last, and no model built around them (no modules, no key checks, no pages given back)."""
-    from ldm.checkpoint import channels_last_kernel, read_checkpoint
+    from ldm.checkpoint import read_checkpoint
+    from ldm.placement import channels_last_kernel
 
     def run():
         state_dict, _metadata = read_checkpoint(path)

@@ -6,13 +6,7 @@
   then the checkpoint's tensors are assigned in place, so an fp32 load peaks at about the weights' size.
 - Keys are checked strictly; a checkpoint that fits another config is refused with that config's name.
 """
-import ctypes
-import functools
-import json
-import mmap
-import os
 import pickle
-import struct
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +17,8 @@ from torch import nn
 
 from ldm.modules.ema import ema_name
 from ldm.models.diffusion.ddpm import DDPM
+from ldm.placement import OneComponentAtATime, place_weights, resolve_dtype
+from ldm.safetensors_reader import SafetensorsError, read_safetensors
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +27,6 @@ CONFIG_DIR = REPO_ROOT / "configs" / "stable-diffusion"
 # Extras that released checkpoints carry and that the model does not need.
 HARMLESS_SUFFIXES = ("position_ids",)
 HARMLESS_PREFIXES = ("model_ema.", "first_stage_model.loss.", "lvlb_weights", "logvar")
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class CheckpointError(Exception):
@@ -60,7 +50,10 @@ def read_checkpoint(path) -> tuple[dict, dict]:
                                   "download or copy it again")
         return _read_pickle_checkpoint(path, mmap=True)
     if len(head) >= 9 and head[8:9] == b"{":
-        return _read_safetensors(path, size)
+        try:
+            return read_safetensors(path, size)
+        except SafetensorsError as error:
+            raise CheckpointError(str(error)) from None
     if head[:1] == b"\x80":  # the legacy (pre-zip) torch.save format: read as safely, but into memory
         return _read_pickle_checkpoint(path, mmap=False)
     raise CheckpointError(f"{path} is not a checkpoint (expected a .ckpt zip archive or a .safetensors file)")
@@ -101,38 +94,6 @@ def _lightning_placeholders():
         placeholders.append(type(name, (), {"__module__": module}))
     with torch.serialization.safe_globals(placeholders):
         yield
-
-
-def _read_safetensors(path: Path, size: int):
-    with open(path, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        if header_size > size - 8:
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its header runs past the end): "
-                                  "download or copy it again")
-        try:
-            header = json.loads(f.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a valid .safetensors file (unreadable header)") from None
-    metadata = {"format": "safetensors", **(header.pop("__metadata__", None) or {})}
-    data_start = 8 + header_size
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if data_start + data_end > size:
-        raise CheckpointError(f"checkpoint {path} is truncated ({size} of {data_start + data_end} bytes): "
-                              "download or copy it again")
-    # A private (copy-on-write) map: pages are read on demand and never written back.
-    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-    state_dict = {}
-    for key, entry in header.items():
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        chunk = raw[data_start + begin:data_start + end]
-        if (data_start + begin) % dtype.itemsize:
-            chunk = chunk.clone()  # misaligned for a zero-copy view
-        state_dict[key] = chunk.view(dtype).reshape(entry["shape"])
-    return state_dict, metadata
 
 
 # --- choosing a config ----------------------------------------------------------------------------------------
@@ -288,170 +249,6 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
     return f"loaded {len(expected)} tensors from {Path(ckpt_path).name}" + (f" ({ignored} extra ignored)" if ignored else "")
 
 
-def default_dtype(device) -> torch.dtype:
-    """fp16 on CUDA, fp32 elsewhere: never the config's use_fp16, which breaks CPU runs."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-MADV_DONTNEED = 4  # Linux madvise advice: drop these pages from the process (file pages come back on access)
-
-
-def mapped_ranges(path) -> list[tuple[int, int]]:
-    """The address ranges where this process maps the file `path` (from /proc/self/maps; none elsewhere)."""
-    target = os.path.realpath(path)
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
-                    start, end = (int(address, 16) for address in fields[0].split("-"))
-                    ranges.append((start, end))
-    except OSError:
-        pass
-    return ranges
-
-
-def release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-    """Give back this process's pages under `tensor` where they belong to a mapping in `ranges`.
-
-    For a read-only private file mapping (the memory-mapped checkpoint) that only drops pages that would
-    be read again from the file if ever touched; memory outside `ranges` (anything anonymous) is never
-    advised, so no data can be lost.
-    """
-    if not ranges or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    begin = tensor.data_ptr() // page * page
-    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
-    for start, stop in ranges:
-        low, high = max(begin, start), min(end, stop)
-        if low < high:
-            libc().madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
-
-
-@functools.lru_cache(maxsize=None)
-def libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-def channels_last_kernel(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy of a [O, I, kH, kW] kernel in the channels-last layout and `dtype`, in one pass.
-
-    Written as a dense copy out of the permuted [O, kH, kW, I] view: 2-4x faster than
-    `.to(memory_format=torch.channels_last)` (2.7 GB of SD 1.x kernels: ~0.5 s against 1.1-2.4 s here),
-    and 1×1 kernels of the right dtype, already in that layout, are not copied at all.
-    """
-    out_channels, in_channels, height, width = kernel.shape
-    nhwc = kernel.permute(0, 2, 3, 1)
-    if kernel.device.type != "cpu" or kernel.dtype != dtype or not nhwc.is_contiguous():
-        nhwc = torch.empty(nhwc.shape, dtype=dtype).copy_(nhwc)
-    # The strides .to(memory_format=torch.channels_last) gives, also for 1×1 kernels, whose layout is ambiguous.
-    return nhwc.as_strided(kernel.shape, (height * width * in_channels, 1, width * in_channels, in_channels))
-
-
-def place_weights(model: nn.Module, device, dtype, channels_last: bool, checkpoint_file=None,
-                  children=None) -> nn.Module:
-    """Every child module's floating-point tensors to device and dtype, one tensor at a time.
-
-    channels_last stores convolution kernels NHWC, the fast layout on a CPU: oneDNN's convolutions work
-    in NHWC, and with NCHW tensors every convolution reorders its input and output. A channels-last kernel
-    makes the convolution's output channels-last, and that layout then flows through the norms,
-    activations, skip concatenations and the transformers' token reshapes ([B, C, H, W] -> [B, H·W, C]
-    becomes a free view); inputs may stay contiguous; results equal NCHW's up to fp32 summation order.
-
-    With checkpoint_file, the file's pages under each tensor that was copied (to another dtype or layout)
-    are given back at once, so that loading peaks at about the final weights' size, not that plus the
-    file's. The model's own buffers (the noise schedules) stay fp32, on `device`. children: the names
-    of the child modules to place (default: all); the others are left as they are.
-    """
-    ranges = mapped_ranges(checkpoint_file) if checkpoint_file is not None else []
-    channels_last = channels_last and torch.device(device).type == "cpu"
-    converted = {}  # id(old tensor) -> new one, so that tied weights stay tied
-    for child_name, child in model.named_children():
-        if children is not None and child_name not in children:
-            continue
-        for module in child.modules():
-            for slots in (module._parameters, module._buffers):
-                for name, tensor in slots.items():
-                    if tensor is None:
-                        continue
-                    if id(tensor) not in converted:
-                        new_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-                        if channels_last and isinstance(module, nn.Conv2d) and name == "weight":
-                            new = channels_last_kernel(tensor.detach(), new_dtype)
-                        else:
-                            new = tensor.detach().to(device=device, dtype=new_dtype)
-                        if new.data_ptr() != tensor.data_ptr():
-                            release_file_pages(tensor, ranges)
-                        converted[id(tensor)] = nn.Parameter(new, requires_grad=False) if slots is module._parameters else new
-                    slots[name] = converted[id(tensor)]
-    for slots in (model._parameters, model._buffers):  # the model's own tensors (schedules), dtype kept
-        for name, tensor in slots.items():
-            if tensor is not None:
-                moved = tensor.detach().to(device)
-                slots[name] = nn.Parameter(moved, tensor.requires_grad) if slots is model._parameters else moved
-    return model
-
-
-class OneComponentAtATime:
-    """Low-memory mode: only the component in use is in the run's device, dtype and layout.
-
-    The big components (text encoder, UNet, autoencoder, depth estimator) stay as the checkpoint holds
-    them, memory-mapped and unread; `use(name)` converts that one (as place_weights would) and gives the
-    one before back to the file, its pages included. Memory then peaks at the UNet with its activations
-    (3.4 of SD 1.x's 4.3 GB of fp32 weights) instead of the whole model plus the VAE decoder's
-    activations, for 0.1-1.2 s of conversion per component switch. On CUDA it is A1111's --medvram.
-    """
-
-    COMPONENTS = ("cond_stage_model", "model", "first_stage_model", "depth_model")
-
-    def __init__(self, model: nn.Module, device, dtype, checkpoint_file):
-        self.model, self.device, self.dtype, self.checkpoint_file = model, device, dtype, checkpoint_file
-        self.as_read = {name: self.tensors_of(getattr(model, name)) for name in self.names(model)}
-        self.current = None
-
-    @classmethod
-    def names(cls, model: nn.Module) -> list[str]:
-        return [name for name in cls.COMPONENTS if isinstance(getattr(model, name, None), nn.Module)]
-
-    @staticmethod
-    def tensors_of(component: nn.Module) -> dict:
-        """{(module, slots, name): tensor} for every parameter and buffer, to put back on release."""
-        return {(module, slots_name, name): tensor
-                for module in component.modules() for slots_name in ("_parameters", "_buffers")
-                for name, tensor in getattr(module, slots_name).items() if tensor is not None}
-
-    def use(self, name: str):
-        if name == self.current or name not in self.as_read:
-            return
-        self.release()
-        place_weights(self.model, self.device, self.dtype, channels_last=True, checkpoint_file=self.checkpoint_file,
-                      children=[name])
-        self.current = name
-
-    def release(self):
-        """The component in use back to the file's tensors; its converted copies are freed."""
-        if self.current is None:
-            return
-        ranges = mapped_ranges(self.checkpoint_file)
-        for (module, slots_name, name), tensor in self.as_read[self.current].items():
-            getattr(module, slots_name)[name] = tensor
-            release_file_pages(tensor, ranges)  # also the pages read in place (fp32 file, fp32 run)
-        self.current = None
-        give_freed_memory_back()
-
-
-def give_freed_memory_back() -> None:
-    """Return the heap's free pages to the kernel (glibc's malloc_trim): the next component's copies and
-    activations may not fit the holes the last one left, and would otherwise grow the process."""
-    trim = getattr(libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None,
                low_memory=False):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
@@ -479,7 +276,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     with parameters_on_meta():
         model = instantiate_from_config(config.model, **overrides)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or resolve_dtype("autocast", device)
     on_demand = OneComponentAtATime.names(model) if low_memory else []
     place_weights(model, device, dtype, channels_last=True, checkpoint_file=ckpt_path,  # on CPUs only
                   children=[name for name, _ in model.named_children() if name not in on_demand])

@@ -39,8 +39,7 @@ def main(argv=None):
     pixels = images.load_image(args.init_img, multiple=1)  # padded to a multiple of 64 by the task, not resized
     depth_map = load_depth_map(args.depth_map, *pixels.shape[-2:]) if args.depth_map else None
     sampler, batches, folder = options.prepare_output(args)
-    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema, low_memory=args.lowmem,
-                          customize=depth_source(args.ckpt, depth_map is not None, args.midas))
+    loaded = loading.load_from_args(args, customize=depth_source(args.ckpt, depth_map is not None, args.midas))
     height, width = padded_size(*pixels.shape[-2:])
     job = options.job_from_args(args, sampler, batches, height=height, width=width)
     return run_and_report(job, DepthToImage(pixels, args.strength, depth_map), loaded, folder)

@@ -23,8 +23,7 @@ def main(argv=None):
     options.check_strength(args.strength)
     pixels = images.load_image(args.init_img)
     sampler, batches, folder = options.prepare_output(args)
-    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema,
-                          low_memory=args.lowmem)
+    loaded = loading.load_from_args(args)
     job = options.job_from_args(args, sampler, batches, height=pixels.shape[-2], width=pixels.shape[-1])
     return run_and_report(job, ImageToImage(pixels, args.strength), loaded, folder)
 

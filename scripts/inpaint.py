@@ -28,8 +28,7 @@ def main(argv=None):
     options.check_strength(args.strength)
     pixels, mask = images.load_image_and_mask(args.init_img, args.mask)
     sampler, batches, folder = options.prepare_output(args)
-    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema,
-                          low_memory=args.lowmem)
+    loaded = loading.load_from_args(args)
     job = options.job_from_args(args, sampler, batches, height=pixels.shape[-2], width=pixels.shape[-1])
     task = Inpainting(pixels, mask, args.strength, paste_back=not args.no_paste_back)
     return run_and_report(job, task, loaded, folder)

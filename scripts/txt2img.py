@@ -32,8 +32,7 @@ def main(argv=None):
             options.check_dimension(flag, value)
     sampler, batches, folder = options.prepare_output(args)
 
-    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema,
-                          low_memory=args.lowmem)
+    loaded = loading.load_from_args(args)
     for flag, given, actual in (("--C", args.C, loaded.latent_channels), ("--f", args.f, loaded.downsampling_factor)):
         if given is not None and given != actual:
             raise options.UserError(f"{flag} {given} does not match the model ({actual}): drop {flag}")

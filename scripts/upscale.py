@@ -25,8 +25,7 @@ def main(argv=None):
     check_noise_level(args.noise_level)
     low_res = images.load_image(args.init_img, multiple=1)  # the upscaler takes any size
     sampler, batches, folder = options.prepare_output(args)
-    loaded = loading.load(args.ckpt, args.config, args.device, args.precision, args.use_ema,
-                          low_memory=args.lowmem)
+    loaded = loading.load_from_args(args)
     factor = loaded.downsampling_factor
     job = options.job_from_args(args, sampler, batches, height=low_res.shape[-2] * factor,
                                 width=low_res.shape[-1] * factor)

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoint import channels_last_kernel, load_model, mapped_ranges, place_weights, read_checkpoint, release_file_pages
+from ldm.checkpoint import load_model, read_checkpoint
+from ldm.placement import channels_last_kernel, mapped_ranges, place_weights, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
 from ldm.modules.diffusionmodules.util import GroupNorm32, Linear

@@ -24,11 +24,11 @@ from ldm.checkpoint import (
     is_v_prediction,
     load_model,
     load_state_dict_strictly,
-    mapped_ranges,
     parameters_on_meta,
     read_checkpoint,
 )
 from ldm.modules.ema import ema_name
+from ldm.placement import mapped_ranges
 from ldm.util import instantiate_from_config
 
 TINY_CONFIG = REPO / "configs" / "tiny" / "txt2img-tiny.yaml"
@@ -431,7 +431,8 @@ def test_fp32_weights_are_used_in_place_from_the_file_mapping(tmp_path, tiny_wei
 
 MEASURE_A_LOAD = """
 import json, sys
-from ldm.checkpoint import load_model, mapped_ranges
+from ldm.checkpoint import load_model
+from ldm.placement import mapped_ranges
 from ldm.modules.encoders import modules  # noqa: F401  (imports are not the loader's memory)
 
 def status(field):

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import REPO_ROOT, CheckpointError, libc, load_model, use_component
+from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model, use_component
+from ldm.placement import libc, resolve_dtype
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
 
 SD1_DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 EMBEDDED_MODEL = REPO_ROOT / "models" / "ldm" / "shapes-ldm" / "model.ckpt"
-PRECISIONS = ("full", "autocast", "bf16")
 
 # What each model family is called, and the scripts that use it.
 MODEL_KINDS = {
@@ -32,16 +32,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda") from None
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """full: fp32. autocast: fp16 weights under autocast on CUDA; on a CPU, fp32 (CPU autocast gains nothing
-    in fp16). bf16: bf16 weights and activations on either device."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "autocast" and device.type == "cuda":
-        return torch.float16
-    return torch.float32
 
 
 def physical_cores() -> int:
@@ -182,3 +172,9 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     factor = model.first_stage_model.downsampling_factor
     return LoadedModel(model, model_config, ckpt_path, device, dtype, latent_channels=model.channels,
                        downsampling_factor=factor, native_size=model.image_size * factor)
+
+
+def load_from_args(args, log=print, customize=None) -> LoadedModel:
+    """The model a script's --ckpt, --config, --device, --precision, --use_ema and --lowmem ask for."""
+    return load(args.ckpt, args.config, args.device, args.precision, args.use_ema, log=log, customize=customize,
+                low_memory=args.lowmem)

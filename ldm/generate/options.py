@@ -8,6 +8,7 @@ from ldm.generate.output import OutputFolder
 from ldm.generate.prompts import prompt_batches
 from ldm.generate.run import Job
 from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.placement import PRECISIONS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,7 +26,7 @@ def add_model_arguments(parser, default_config=None):
                        help="checkpoint (.ckpt or .safetensors); default models/ldm/stable-diffusion-v1/model.ckpt, "
                             "or the embedded model when that holds nothing")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    group.add_argument("--precision", default="autocast", choices=["full", "autocast", "bf16"],
+    group.add_argument("--precision", default="autocast", choices=PRECISIONS,
                        help="full = fp32; autocast = fp16 on CUDA, fp32 on a CPU; bf16 on either")
     group.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
     group.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
