@@ -39,7 +39,7 @@ def main():
 
     inductor_config.freezing = args.freezing
     print(f"{common.use_our_process_settings()}, freezing: {args.freezing}", flush=True)
-    model, _ = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None)
+    model = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None).model
     unet = model.model.diffusion_model
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(2, 4, args.size // 8, args.size // 8, generator=generator)

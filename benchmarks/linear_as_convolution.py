@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(common.use_our_process_settings(), flush=True)
-    model, _ = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None)
+    model = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, log=lambda m: None).model
     unet = model.model.diffusion_model
     with torch.inference_mode():
         for size in args.sizes:

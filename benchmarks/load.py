@@ -162,7 +162,7 @@ def load_ours(path: Path):
     from ldm.modules.encoders import modules  # noqa: F401  (transformers) imported untimed, like diffusers
 
     def run():
-        model, _config = load_model(path, config_path=V1_CONFIG, log=lambda message: None)
+        model = load_model(path, config_path=V1_CONFIG, log=lambda message: None).model
         return list(model.parameters())
 
     return run

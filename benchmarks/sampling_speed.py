@@ -91,12 +91,14 @@ class StepInputs:
 
 def our_guided_output(model, inputs: StepInputs, dtype):
     """The guided model output (eps) that our DDIM step uses."""
-    denoiser = GuidedDenoiser(model, inputs.context[1:].to(dtype), inputs.context[:1].to(dtype), GUIDANCE_SCALE)
+    denoiser = GuidedDenoiser(model, inputs.context[1:].to(dtype), inputs.context[:1].to(dtype), GUIDANCE_SCALE,
+                              dtype=dtype, device="cpu")
     return denoiser(inputs.latent, inputs.timestep)[0]
 
 
 def our_step_only(model, inputs: StepInputs, dtype):
-    denoiser = GuidedDenoiser(model, inputs.context[1:].to(dtype), inputs.context[:1].to(dtype), GUIDANCE_SCALE)
+    denoiser = GuidedDenoiser(model, inputs.context[1:].to(dtype), inputs.context[:1].to(dtype), GUIDANCE_SCALE,
+                              dtype=dtype, device="cpu")
     return lambda: sample_ddim(denoiser, inputs.latent, np.array([inputs.timestep]))
 
 
@@ -136,7 +138,7 @@ def relative_error(ours, theirs) -> float:
 
 def step_benchmark(args) -> list[dict]:
     checkpoint_path = common.sd1_checkpoint(args.workdir, "fp32")
-    ours = {precision: load_model(checkpoint_path, common.SD1_CONFIG, "cpu", DTYPES[precision], log=lambda m: None)[0]
+    ours = {precision: load_model(checkpoint_path, common.SD1_CONFIG, "cpu", DTYPES[precision], log=lambda m: None).model
             for precision in args.precisions}
     checkpoint = common.read_original_checkpoint(checkpoint_path)
     their_fp32 = common.diffusers_unet(checkpoint).to(memory_format=torch.channels_last)

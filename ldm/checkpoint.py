@@ -9,17 +9,20 @@
 import pickle
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.modules.ema import ema_name
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.placement import OneComponentAtATime, place_weights, resolve_dtype
+from ldm.placement import (CheckpointFile, OneComponentAtATime, mapped_ranges, place_weights, release_file_pages,
+                           resolve_dtype)
 from ldm.safetensors_reader import SafetensorsError, read_safetensors
-from ldm.util import get_obj_from_str, instantiate_from_config
+from ldm.util import (ConfigError, builds_subclass_of, check_config_targets, instantiate_from_config, read_config,
+                      trusted_configs)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs" / "stable-diffusion"
@@ -49,7 +52,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt (its zip directory is missing): "
                                   "download or copy it again")
         return _read_pickle_checkpoint(path, mmap=True)
-    if len(head) >= 9 and head[8:9] == b"{":
+    if head[8:9] == b"{" or (path.suffix.lower() == ".safetensors" and _header_length_fits(head, size)):
         try:
             return read_safetensors(path, size)
         except SafetensorsError as error:
@@ -57,6 +60,11 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if head[:1] == b"\x80":  # the legacy (pre-zip) torch.save format: read as safely, but into memory
         return _read_pickle_checkpoint(path, mmap=False)
     raise CheckpointError(f"{path} is not a checkpoint (expected a .ckpt zip archive or a .safetensors file)")
+
+
+def _header_length_fits(head: bytes, size: int) -> bool:
+    """Whether the first 8 bytes could be a .safetensors header length for a file of `size` bytes."""
+    return len(head) >= 8 and int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _read_pickle_checkpoint(path: Path, mmap: bool):
@@ -221,8 +229,60 @@ def _check_schedules(state_dict: dict, schedules: dict, ckpt_path, config_path):
                                   "pass --config with the checkpoint's own config")
 
 
-def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, config_path, use_ema=False) -> str:
-    """Assign the checkpoint's tensors to the (meta) model; returns the one-line report."""
+def _check_values(state_dict: dict, expected: dict, ckpt_path, release_pages: bool) -> None:
+    """Refuse integer or boolean tensors where the model has floating-point ones, and NaN or infinite weights."""
+    taken = [key for key in expected if key in state_dict]
+    for key in taken:
+        if expected[key].is_floating_point() and not state_dict[key].is_floating_point():
+            raise CheckpointError(f"checkpoint {ckpt_path} holds {str(state_dict[key].dtype).replace('torch.', '')} "
+                                  f"values in tensor {key}, where the model has floating-point weights: the file is "
+                                  "damaged or not a checkpoint of this model; use another checkpoint")
+    ranges = mapped_ranges(ckpt_path) if release_pages else []
+    for key in taken:
+        tensor = state_dict[key]
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CheckpointError(f"checkpoint {ckpt_path} holds NaN or infinite values in tensor {key}: the "
+                                  "weights are damaged (a diverged training run or a broken conversion); "
+                                  "use another checkpoint")
+        release_file_pages(tensor, ranges)
+    for key in taken if ranges else []:  # reading a page maps its neighbours too (the kernel's fault-around)
+        release_file_pages(state_dict[key], ranges)
+
+
+SUMMABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FINITE_CHECK_ELEMENTS = 1 << 22  # per piece in the exact check, which makes a byte per element
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no value of the floating-point `tensor` is NaN or infinite, in one pass and no full-size copy.
+
+    Any NaN or infinity makes the sum non-finite, and a sum is many times faster than isfinite(): so the
+    sum decides, and only a non-finite sum (those values, or an overflow of finite ones) is checked exactly,
+    piece by piece. The 8-bit float types have no sum on a CPU: they are converted piece by piece.
+    """
+    if tensor.dtype in SUMMABLE_DTYPES and torch.isfinite(tensor.sum()):
+        return True
+    return all(bool(torch.isfinite(piece if piece.dtype in SUMMABLE_DTYPES else piece.float()).all())
+               for piece in _pieces(tensor))
+
+
+def _pieces(tensor: torch.Tensor):
+    """Views of about FINITE_CHECK_ELEMENTS elements that cover the tensor (whole rows if it is not contiguous)."""
+    if tensor.dim() == 0:
+        return [tensor]
+    if tensor.is_contiguous():
+        return tensor.view(-1).split(FINITE_CHECK_ELEMENTS)
+    return tensor.split(max(1, FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel())))
+
+
+def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, config_path, use_ema=False,
+                             release_pages=True) -> str:
+    """Assign the checkpoint's tensors to the (meta) model; returns the one-line report.
+
+    Every tensor the model takes is read once, to refuse NaN and infinite values. release_pages: give the
+    memory-mapped file's pages under each back once it is checked, so that the check does not leave the
+    whole file resident (what low-memory mode needs); without it, placing the weights gives them back.
+    """
     expected = model.state_dict()
     schedules = _schedule_buffers(model, expected)
     state_dict = dict(state_dict)
@@ -239,6 +299,7 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
                 problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit config {Path(config_path).name}: "
                               f"{'; '.join(problems)}; it fits {fitting}: pass --config with that file")
+    _check_values(state_dict, expected, ckpt_path, release_pages)
     _check_schedules(state_dict, schedules, ckpt_path, config_path)
     model.load_state_dict({key: schedules[key] if key in schedules else state_dict[key] for key in expected},
                           strict=True, assign=True)
@@ -250,56 +311,74 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
 
 
 def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None,
-               low_memory=False):
+               low_memory=False, trust_config=False):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
 
     customize: None, or a callable (state_dict, config) -> (state_dict, constructor overrides), called once
     the checkpoint is read and the config chosen, before building. It lets a script add tensors kept in
     another file (depth2img's --midas) or build the model without a part it will not use.
     low_memory: convert the text encoder, UNet, autoencoder and depth estimator only when used, one at a
-    time, through the OneComponentAtATime kept as `model.components_on_demand` (None otherwise).
-    Returns (model in eval mode, OmegaConf config actually used).
+    time (the result's `components`; otherwise every weight is converted now, none left a view of the file).
+    trust_config: let the config's targets name any class or callable (ldm.util.trusted_configs); by default
+    only this project's classes are built, from the config given, the one beside the checkpoint or a shipped one.
+    Returns a LoadResult: the model in eval mode, the OmegaConf config actually used, the file as loaded.
     """
-    state_dict, _ = read_checkpoint(ckpt_path)
+    state_dict, _ = read_checkpoint(ckpt_path)  # the metadata is not used: no config is read from a checkpoint
+    checkpoint = CheckpointFile(ckpt_path)  # its size and date as loaded, checked again once all is placed
     config_was_guessed = not config_path
     config_path = Path(config_path) if config_path else find_config(ckpt_path, state_dict)
     if not config_path.is_file():
         raise CheckpointError(f"config not found: {config_path} (pass --config with the path of a model YAML)")
-    config = OmegaConf.load(config_path)
-    if "model" not in config:
-        raise CheckpointError(f"{config_path} is not a model config (it has no 'model' section)")
-    # EMA copies are a training-time structure; asked-for EMA weights are copied into the model instead.
-    overrides = {"use_ema": False} if issubclass(get_obj_from_str(config.model.target), DDPM) else {}
-    if customize is not None:
-        state_dict, extra_overrides = customize(state_dict, config)
-        overrides.update(extra_overrides)
-    with parameters_on_meta():
-        model = instantiate_from_config(config.model, **overrides)
-    report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema)
+    try:
+        with trusted_configs(trust_config):
+            config = read_config(config_path)
+            if not isinstance(config.get("model"), DictConfig) or "target" not in config.model:
+                raise CheckpointError(f"{config_path} is not a model config (it has no 'model' section with a target)")
+            check_config_targets(config.model, "model", config_path)  # every target, before anything is built
+            # EMA copies are a training-time structure; asked-for EMA weights are copied into the model instead.
+            overrides = {"use_ema": False} if builds_subclass_of(config.model, DDPM) else {}
+            if customize is not None:
+                state_dict, extra_overrides = customize(state_dict, config)
+                overrides.update(extra_overrides)
+            with parameters_on_meta():
+                model = instantiate_from_config(config.model, **overrides)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema,
+                                      release_pages=low_memory)  # else placing them reads them again now
     dtype = dtype or resolve_dtype("autocast", device)
     on_demand = OneComponentAtATime.names(model) if low_memory else []
-    place_weights(model, device, dtype, channels_last=True, checkpoint_file=ckpt_path,  # on CPUs only
+    place_weights(model, device, dtype, channels_last=True, checkpoint=checkpoint,  # channels-last on CPUs only
                   children=[name for name, _ in model.named_children() if name not in on_demand])
     model.eval().requires_grad_(False)
-    model.components_on_demand = OneComponentAtATime(model, device, dtype, ckpt_path) if low_memory else None
+    checkpoint.ensure_unchanged()  # else what was read may mix two files
+    components = OneComponentAtATime(model, device, dtype, checkpoint) if low_memory else None
+    loaded = LoadResult(model, config, checkpoint, components)
 
     if config_was_guessed and config_path.name == "v2-inference.yaml" and \
-            is_v_prediction(use_component(model, "model").diffusion_model,
-                            config.model.params.unet_config.params.context_dim):
+            is_v_prediction(loaded.use("model").diffusion_model, config.model.params.unet_config.params.context_dim):
         # eps and v checkpoints of SD 2.x have the same keys: only the probe tells them apart.
         config_path = CONFIG_DIR / "v2-inference-v.yaml"
-        config = OmegaConf.load(config_path)
+        loaded.config = OmegaConf.load(config_path)
         model.parameterization = "v"
-        model.image_size = config.model.params.image_size
+        model.image_size = loaded.config.model.params.image_size
     log(f"{report}; config {config_path.name}, {str(dtype).replace('torch.', '')} on {device}"
         + (" (low memory: one component at a time)" if low_memory else ""))
-    return model, config
+    return loaded
 
 
-def use_component(model: nn.Module, name: str) -> nn.Module:
-    """The model's child `name`, ready to run (converted first in low-memory mode)."""
-    on_demand = getattr(model, "components_on_demand", None)
-    if on_demand is not None:
-        on_demand.use(name)
-    return getattr(model, name)
+@dataclass
+class LoadResult:
+    """What load_model gives: the model, its config, the checkpoint file as loaded, and in low-memory mode
+    the OneComponentAtATime that converts the components (None otherwise: every weight is placed)."""
+    model: nn.Module
+    config: DictConfig
+    checkpoint: CheckpointFile
+    components: OneComponentAtATime | None = None
+
+    def use(self, name: str) -> nn.Module:
+        """The model's child `name`, ready to run (converted first in low-memory mode)."""
+        if self.components is not None:
+            self.components.use(name)
+        return getattr(self.model, name)
 

@@ -26,16 +26,20 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.checkpoint import read_checkpoint
+from ldm.checkpoint import CheckpointError, read_checkpoint
+from ldm.generate.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.sampling import GuidedDenoiser, sample
-from ldm.util import count_params, instantiate_from_config
+from ldm.models.diffusion.sampling import GuidedDenoiser, placement_of, sample
+from ldm.util import (ConfigError, check_config_targets, count_params, instantiate_from_config, read_config,
+                      trusted_configs)
 
 WRAPPER_PREFIX = "model."  # the wrapper holds the model as `self.model`
 LAST_CHECKPOINT = "last.ckpt"
@@ -155,7 +159,7 @@ def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0,
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (len(prompts), model.channels, model.image_size, model.image_size)
     x = torch.randn(shape, generator=generator).to(cond.device, cond.dtype)
-    denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale)
+    denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale, **placement_of(model))
     return model.decode_first_stage(sample(sampler, denoiser, x, steps, eta=eta, generator=generator))
 
 
@@ -232,20 +236,71 @@ class ProgressPrinter(pl.Callback):
 
 # --- configs, the first stage, export -------------------------------------------------------------------
 def load_configs(paths, dotlist=()):
-    """The configs merged left to right (later files override earlier ones), then `key=value` overrides."""
-    return OmegaConf.merge(*[OmegaConf.load(path) for path in paths], OmegaConf.from_dotlist(list(dotlist)))
+    """The configs merged left to right (later files override earlier ones), then `key=value` overrides.
+
+    Every target of every file, of the overrides and of the result is checked (ldm.util's rules) before
+    anything is built; a config that cannot be read or used is a UserError naming it.
+    """
+    try:
+        configs = [read_config(path) for path in paths]
+        for path, config in zip(paths, configs):
+            check_config_targets(config, source=path, resolve=False)
+        overrides = parse_overrides(dotlist)
+        check_config_targets(overrides, source="--set", resolve=False)
+        merged = OmegaConf.merge(*configs, overrides)
+        check_config_targets(merged, source=" + ".join(map(str, paths)))
+    except ConfigError as error:
+        raise UserError(str(error)) from None
+    except OmegaConfBaseException as error:
+        raise UserError(f"the configs {', '.join(map(str, paths))} and --set cannot be merged: "
+                        f"{str(error).splitlines()[0]}") from None
+    for section in ("model", "data"):
+        if not isinstance(merged.get(section), DictConfig) or "target" not in merged[section]:
+            raise UserError(f"the configs {', '.join(map(str, paths))} have no '{section}:' section with a target: "
+                            "training needs a model and a data section (see configs/latent-diffusion/shapes-ldm.yaml)")
+    return merged
+
+
+def build_from_config(config):
+    """instantiate_from_config, with the config's fault (say a misspelt parameter) as a UserError."""
+    try:
+        return instantiate_from_config(config)
+    except ConfigError as error:
+        raise UserError(str(error)) from None
+
+
+def parse_overrides(dotlist) -> DictConfig:
+    """--set KEY=VALUE items as one config; an item that is not KEY=VALUE is a UserError naming it."""
+    parsed = []
+    for item in dotlist:
+        key, equals, _ = item.partition("=")
+        if not equals or not all(part.strip() for part in key.split(".")):
+            raise UserError(f"--set {item!r} is not KEY=VALUE (e.g. --set model.base_learning_rate=2e-4)")
+        try:
+            parsed.append(OmegaConf.from_dotlist([item]))
+        except (yaml.YAMLError, OmegaConfBaseException) as error:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
+    return OmegaConf.merge(OmegaConf.create(), *parsed)
 
 
 def load_first_stage(model: LatentDiffusion, ckpt_path):
     """Put trained autoencoder weights into a LatentDiffusion: from an autoencoder checkpoint (ours or an
     original one) or from the first_stage_model.* part of a latent-diffusion checkpoint."""
-    state_dict, _ = read_checkpoint(ckpt_path)
+    try:
+        state_dict, _ = read_checkpoint(ckpt_path)
+    except CheckpointError as error:
+        raise UserError(f"--first_stage_ckpt: {error}") from None
     prefix = "first_stage_model."
     if any(key.startswith(prefix) for key in state_dict):
         state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     # The discriminator and LPIPS weights of the originals' training loss are not part of the autoencoder.
     state_dict = {key: value.float() for key, value in state_dict.items() if not key.startswith("loss.")}
-    model.first_stage_model.load_state_dict(state_dict, strict=True)
+    try:
+        model.first_stage_model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        problem = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"--first_stage_ckpt {ckpt_path} does not fit this config's autoencoder ({problem[:200]}): "
+                        "pass the checkpoint of an autoencoder trained with the same first_stage_config") from None
     print(f"first stage: loaded {len(state_dict)} tensors from {ckpt_path}")
 
 
@@ -293,11 +348,15 @@ def resolve_resume(resume) -> tuple[Path, Path]:
     """(log dir, checkpoint) from --resume given a log dir or a checkpoint inside <logdir>/checkpoints."""
     resume = Path(resume)
     if resume.is_dir():
-        return resume, resume / "checkpoints" / LAST_CHECKPOINT
-    if not resume.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint or log dir")
-    logdir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-    return logdir, resume
+        logdir, checkpoint = resume, resume / "checkpoints" / LAST_CHECKPOINT
+    elif resume.is_file():
+        logdir, checkpoint = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent, resume
+    else:
+        raise UserError(f"--resume {resume}: no such checkpoint or log dir")
+    if not checkpoint.is_file():
+        raise UserError(f"--resume {resume}: {checkpoint} is missing: give the log dir of a run that saved a "
+                        "checkpoint, or one of its checkpoints/*.ckpt")
+    return logdir, checkpoint
 
 
 def learning_rate(config, batch_size, devices, num_nodes, scale_lr):
@@ -318,13 +377,26 @@ def device_count(devices):
 
 
 def train(options):
-    """Everything `scripts/train.py` does; `options` carries its arguments (see that script's --help)."""
+    """Everything `scripts/train.py` does; `options` carries its arguments (see that script's --help).
+
+    Bad input (a config, --set, --resume, --first_stage_ckpt) is a UserError raised before the log dir
+    is created. --trust_config lets the configs build any class, here and in the constructors they reach.
+    """
+    with trusted_configs(options.trust_config):
+        return _train(options)
+
+
+def _train(options):
     if options.resume:
         logdir, resume_ckpt = resolve_resume(options.resume)
-        bases = sorted((logdir / "configs").glob("*.yaml")) + list(options.base or [])
+        saved = sorted((logdir / "configs").glob("*.yaml"))
+        if not saved:
+            raise UserError(f"--resume {options.resume}: {logdir / 'configs'} holds no config: give the log dir "
+                            "of a run of scripts/train.py")
+        bases = saved + list(options.base or [])
     else:
         if not options.base:
-            raise ValueError("give --base CONFIG (or --resume LOGDIR)")
+            raise UserError("give --base CONFIG (or --resume LOGDIR)")
         stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
         name = options.name or Path(options.base[-1]).stem
         logdir, resume_ckpt = Path(options.logdir) / f"{stamp}_{name}", None
@@ -336,11 +408,11 @@ def train(options):
     if options.num_workers is not None:
         data_config.params.num_workers = options.num_workers
     training_config = config.get("training", OmegaConf.create())
-    pl.seed_everything(options.seed, workers=True)
+    pl.seed_everything(options.seed, workers=True, verbose=False)  # verbose: a line on stderr, where errors go
     if options.threads:
         torch.set_num_threads(options.threads)
 
-    model = instantiate_from_config(config.model)
+    model = build_from_config(config.model)
     print(f"{config.model.target}: {count_params(model) / 1e6:.2f} M parameters, "
           f"{sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f} M trained")
     first_stage_ckpt = options.first_stage_ckpt or training_config.get("first_stage_ckpt")
@@ -355,6 +427,7 @@ def train(options):
     print(f"learning rate {lr:.3g} (batch {data_config.params.batch_size} x {devices} devices x {options.num_nodes} nodes,"
           f" scale_lr={options.scale_lr})")
     wrapper = TrainingWrapper(model, lr, scheduler_config=getattr(model, "scheduler_config", None))
+    datamodule = build_from_config(data_config)
 
     logdir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0 and resume_ckpt is None:
@@ -380,7 +453,6 @@ def train(options):
         log_every_n_steps=training_config.get("log_every_n_steps", 10), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
-    datamodule = instantiate_from_config(data_config)
     started = time.perf_counter()
     trainer.fit(wrapper, datamodule=datamodule, ckpt_path=resume_ckpt)
     minutes = (time.perf_counter() - started) / 60

@@ -31,17 +31,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    options.check_strength(args.strength)
+    options.check_image_arguments(args)
     if args.depth_map and args.midas:
         raise options.UserError("--depth_map and --midas both give the depth: pass one of them")
     if not args.ckpt:
         raise options.UserError("pass --ckpt with an SD 2 depth checkpoint (e.g. 512-depth-ema.ckpt)")
-    pixels = images.load_image(args.init_img, multiple=1)  # padded to a multiple of 64 by the task, not resized
+    # padded to a multiple of 64 by the task, not resized
+    pixels = images.load_image(args.init_img, multiple=1, limits=options.image_limits(args))
     depth_map = load_depth_map(args.depth_map, *pixels.shape[-2:]) if args.depth_map else None
     sampler, batches, folder = options.prepare_output(args)
-    loaded = loading.load_from_args(args, customize=depth_source(args.ckpt, depth_map is not None, args.midas))
     height, width = padded_size(*pixels.shape[-2:])
-    job = options.job_from_args(args, sampler, batches, height=height, width=width)
+    options.check_run_before_loading(args, batches, (height, width))
+    loaded = loading.load_from_args(args, customize=depth_source(args.ckpt, depth_map is not None, args.midas))
+    job = options.job_for_model(args, sampler, batches, loaded, height=height, width=width)
     return run_and_report(job, DepthToImage(pixels, args.strength, depth_map), loaded, folder)
 
 

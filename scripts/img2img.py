@@ -20,11 +20,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    options.check_strength(args.strength)
-    pixels = images.load_image(args.init_img)
+    options.check_image_arguments(args)
+    pixels = images.load_image(args.init_img, limits=options.image_limits(args))
     sampler, batches, folder = options.prepare_output(args)
+    options.check_run_before_loading(args, batches, pixels.shape[-2:])
     loaded = loading.load_from_args(args)
-    job = options.job_from_args(args, sampler, batches, height=pixels.shape[-2], width=pixels.shape[-1])
+    job = options.job_for_model(args, sampler, batches, loaded, height=pixels.shape[-2], width=pixels.shape[-1])
     return run_and_report(job, ImageToImage(pixels, args.strength), loaded, folder)
 
 

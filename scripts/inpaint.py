@@ -25,11 +25,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    options.check_strength(args.strength)
-    pixels, mask = images.load_image_and_mask(args.init_img, args.mask)
+    options.check_image_arguments(args)
+    pixels, mask = images.load_image_and_mask(args.init_img, args.mask, limits=options.image_limits(args))
     sampler, batches, folder = options.prepare_output(args)
+    options.check_run_before_loading(args, batches, pixels.shape[-2:])
     loaded = loading.load_from_args(args)
-    job = options.job_from_args(args, sampler, batches, height=pixels.shape[-2], width=pixels.shape[-1])
+    job = options.job_for_model(args, sampler, batches, loaded, height=pixels.shape[-2], width=pixels.shape[-1])
     task = Inpainting(pixels, mask, args.strength, paste_back=not args.no_paste_back)
     return run_and_report(job, task, loaded, folder)
 

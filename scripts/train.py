@@ -5,7 +5,9 @@
         --export models/ldm/shapes-ldm/model.ckpt
     python scripts/train.py --resume logs/<run>            # continues from logs/<run>/checkpoints/last.ckpt
 
-Logs (metrics.csv, configs/, checkpoints/, images/) go to <logdir>/<time>_<config name>/.
+Logs (metrics.csv, configs/, checkpoints/, images/) go to <logdir>/<time>_<config name>/. Bad input (a config
+that cannot be read or names a class outside ldm without --trust_config, a bad --set or --resume) is one line
+on stderr, exit status 2, and creates nothing.
 The logic lives in ldm.training; this file only reads the command line.
 """
 import argparse
@@ -14,9 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ldm.generate.options import OneLineParser, run_cli  # noqa: E402
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", nargs="*", default=[], metavar="CONFIG",
                         help="config files, merged left to right (later ones override earlier ones)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -45,6 +49,9 @@ def parse_args(argv=None):
                         help="trained autoencoder weights for a latent-diffusion config (or training.first_stage_ckpt)")
     parser.add_argument("--export", metavar="PATH",
                         help="write the final (EMA) weights as a small fp16 checkpoint, its config as PATH.yaml beside")
+    parser.add_argument("--trust_config", action="store_true",
+                        help="let the configs build any class or call they name (your own research code); by "
+                             "default only this project's classes (ldm.*) and a short allow-list are built")
     options = parser.parse_args(argv)
     if options.devices.isdigit():
         options.devices = int(options.devices)
@@ -52,10 +59,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Train; returns (log dir, Lightning trainer). Bad input raises UserError before anything is created."""
     from ldm.training import train
 
     return train(parse_args(argv))
 
 
-if __name__ == "__main__":
+def command_line():
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(command_line)

@@ -31,6 +31,7 @@ def main(argv=None):
         if value is not None:
             options.check_dimension(flag, value)
     sampler, batches, folder = options.prepare_output(args)
+    options.check_run_before_loading(args, batches, (args.H, args.W))
 
     loaded = loading.load_from_args(args)
     for flag, given, actual in (("--C", args.C, loaded.latent_channels), ("--f", args.f, loaded.downsampling_factor)):
@@ -39,7 +40,7 @@ def main(argv=None):
     height, width = args.H or loaded.native_size, args.W or loaded.native_size
     options.check_dimension("--H", height, max(8, loaded.downsampling_factor))
     options.check_dimension("--W", width, max(8, loaded.downsampling_factor))
-    job = options.job_from_args(args, sampler, batches, height, width)
+    job = options.job_for_model(args, sampler, batches, loaded, height, width)
     return run_and_report(job, TextToImage(), loaded, folder)
 
 

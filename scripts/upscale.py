@@ -23,12 +23,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_noise_level(args.noise_level)
-    low_res = images.load_image(args.init_img, multiple=1)  # the upscaler takes any size
+    options.check_image_arguments(args)
+    low_res = images.load_image(args.init_img, multiple=1, limits=options.image_limits(args))  # any size
     sampler, batches, folder = options.prepare_output(args)
+    options.check_run_before_loading(args, batches, low_res.shape[-2:], upscaled=True)
     loaded = loading.load_from_args(args)
     factor = loaded.downsampling_factor
-    job = options.job_from_args(args, sampler, batches, height=low_res.shape[-2] * factor,
-                                width=low_res.shape[-1] * factor)
+    job = options.job_for_model(args, sampler, batches, loaded, height=low_res.shape[-2] * factor,
+                                width=low_res.shape[-1] * factor, upscaled=True)
     return run_and_report(job, Upscaling(low_res, args.noise_level), loaded, folder)
 
 

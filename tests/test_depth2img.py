@@ -13,10 +13,11 @@ from conftest import REPO
 from ldm.generate.depth2img import DepthToImage, depth_source, load_depth_map, pad_edges, padded_size, read_midas_weights
 from ldm.generate.errors import UserError
 from ldm.generate import loading
-from ldm.generate.loading import LoadedModel
 from ldm.generate.output import OutputFolder
 from ldm.generate.run import Job, run
-from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
+from ldm.util import trusted_configs
+from helpers import loaded_tiny
+from tiny_model import TINY_CONFIG, write_tiny_checkpoint
 
 SCRIPT = REPO / "scripts" / "depth2img.py"
 DEPTH_TINY = REPO / "configs" / "tiny" / "depth-tiny.yaml"
@@ -101,7 +102,8 @@ def checkpoint_with_a_stand_in_estimator(tmp_path):
     config.model.params.depth_stage_config = {"target": "torch.nn.Conv2d",
                                               "params": {"in_channels": 3, "out_channels": 1, "kernel_size": 1}}
     OmegaConf.save(config, tmp_path / "with-estimator.yaml")
-    return write_tiny_checkpoint(tmp_path, "d.safetensors", config=tmp_path / "with-estimator.yaml")
+    with trusted_configs():  # torch.nn.Conv2d is not on the allow-list of what configs may build
+        return write_tiny_checkpoint(tmp_path, "d.safetensors", config=tmp_path / "with-estimator.yaml")
 
 
 def test_loader_builds_without_the_estimator_when_a_depth_map_is_given(tmp_path):
@@ -109,7 +111,7 @@ def test_loader_builds_without_the_estimator_when_a_depth_map_is_given(tmp_path)
 
     def load(depth_map_given):
         return loading.load(str(ckpt), None, "cpu", "full", log=lambda _: None,
-                            customize=depth_source(ckpt, depth_map_given)).model
+                            customize=depth_source(ckpt, depth_map_given), trust_config=True).model
 
     assert isinstance(load(False).depth_model, torch.nn.Conv2d)
     assert load(True).depth_model is None
@@ -120,14 +122,14 @@ def test_low_memory_mode_converts_the_estimator_only_to_estimate(tmp_path):
     pictures, used = [], []
     for low_memory in (False, True):
         loaded = loading.load(str(ckpt), None, "cpu", "full", log=lambda _: None,
-                              customize=depth_source(ckpt, False), low_memory=low_memory)
+                              customize=depth_source(ckpt, False), low_memory=low_memory, trust_config=True)
         if low_memory:
             real_use = loaded.use
             loaded.use = lambda name: used.append(name) or real_use(name)
         pictures.append(depth_run(loaded, tmp_path, None, f"low-{low_memory}"))
     assert np.array_equal(*pictures)
     assert used.index("depth_model") < used.index("model")  # estimated before sampling, then given back
-    assert loaded.model.components_on_demand.current == "first_stage_model"
+    assert loaded.components.current == "first_stage_model"
 
 
 def test_midas_file_of_another_model_is_refused(tmp_path):
@@ -144,7 +146,7 @@ def test_midas_file_of_another_model_is_refused(tmp_path):
 # --- the run ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def loaded_tiny_depth():
-    return LoadedModel(tiny_model(config=DEPTH_TINY), None, DEPTH_TINY, torch.device("cpu"), torch.float32, 4, 8, 64)
+    return loaded_tiny(DEPTH_TINY)
 
 
 def depth_run(loaded, tmp_path, depth_map, name):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import relative_error, seeded
 from ldm.checkpoint import load_model, read_checkpoint
 from ldm.placement import channels_last_kernel, mapped_ranges, place_weights, release_file_pages
 from ldm.generate import loading
@@ -27,14 +28,6 @@ from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
 
 FP32_REORDERING = 1e-5
 BF16_MODEL_OUTPUT = 3e-2
-
-
-def relative_error(actual, expected) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-def seeded(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +94,7 @@ def test_inference_leaves_its_inputs_untouched():
 
 # --- channels-last --------------------------------------------------------------------------------------------
 def test_the_cpu_loader_stores_convolutions_channels_last_and_gives_the_contiguous_numbers(tiny_checkpoint):
-    loaded, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None)
+    loaded = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None).model
     plain = tiny_model()
     convolutions = [m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
@@ -156,8 +149,8 @@ def test_place_weights_keeps_tied_weights_tied():
 
 # --- bf16 -----------------------------------------------------------------------------------------------------
 def test_bf16_unet_and_decoder_stay_close_to_fp32(tiny_checkpoint):
-    fp32, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None)
-    bf16, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None)
+    fp32 = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None).model
+    bf16 = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None).model
     x, t, context = unet_inputs()
     latent = torch.randn(1, 4, 16, 16, generator=seeded(4))
     with torch.inference_mode():
@@ -172,11 +165,11 @@ def test_bf16_sampling_stays_close_to_fp32_and_the_sampler_sees_fp32(tiny_checkp
     """A whole guided DDIM run: the bf16 model's rounding must not be amplified by the sampler's arithmetic."""
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, _ = load_model(tiny_checkpoint, device="cpu", dtype=dtype, log=lambda message: None)
+        model = load_model(tiny_checkpoint, device="cpu", dtype=dtype, log=lambda message: None).model
         with torch.inference_mode():
             cond = model.get_learned_conditioning(["a red circle"])
             uncond = model.get_learned_conditioning([""])
-            denoiser = GuidedDenoiser(model, cond, uncond, scale=5.0)
+            denoiser = GuidedDenoiser(model, cond, uncond, scale=5.0, dtype=dtype, device="cpu")
             start = torch.randn(1, 4, 8, 8, generator=seeded(5))
             eps, x0 = denoiser(start, 500)
             assert eps.dtype == x0.dtype == torch.float32
@@ -216,7 +209,7 @@ def test_release_never_touches_memory_outside_the_checkpoint(tmp_path):
 def test_a_converted_load_holds_the_checkpoint_values(tiny_checkpoint):
     state_dict, _ = read_checkpoint(tiny_checkpoint)
     expected = {key: value.clone() for key, value in state_dict.items()}
-    model, _ = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None)
+    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None).model
     for key, value in model.state_dict().items():
         if key in expected and value.is_floating_point() and not key.startswith(("betas", "alphas", "sqrt", "log", "posterior")):
             assert torch.equal(value, expected[key].to(value.dtype)), key

@@ -22,6 +22,7 @@ from diffusers import (  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from helpers import diffusers_models, meta_state_dict, random_state_dict, relative_error  # noqa: E402
 from ldm.generate import run as run_module  # noqa: E402
 from ldm.generate.img2img import ImageToImage  # noqa: E402
 from ldm.generate.inpaint import Inpainting  # noqa: E402
@@ -29,7 +30,6 @@ from ldm.generate.loading import load  # noqa: E402
 from ldm.generate.output import OutputFolder  # noqa: E402
 from ldm.generate.run import Job, run  # noqa: E402
 from ldm.generate.upscale import Upscaling  # noqa: E402
-from test_numerics import diffusers_models, meta_state_dict, random_state_dict, relative_error  # noqa: E402
 
 TINY = REPO / "configs" / "tiny"
 MAX_RELATIVE_ERROR = 1e-4

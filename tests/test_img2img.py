@@ -2,24 +2,23 @@
 import pytest
 import torch
 
+from helpers import loaded_tiny
 from ldm.generate import run as run_module
 from ldm.generate.errors import UserError
 from ldm.generate.img2img import ImageToImage, noised_start_timestep
-from ldm.generate.loading import LoadedModel
 from ldm.generate.options import check_strength
 from ldm.generate.output import OutputFolder
 from ldm.generate.run import Job, run
 from ldm.generate.txt2img import TextToImage
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
-from tiny_model import TINY_CONFIG, tiny_model
 
 STEPS, SEED, SIZE = 10, 3, 32
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    return LoadedModel(tiny_model(), None, TINY_CONFIG, torch.device("cpu"), torch.float32, 4, 8, 64)
+    return loaded_tiny()
 
 
 def picture(seed):

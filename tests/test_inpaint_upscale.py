@@ -9,22 +9,18 @@ from conftest import REPO
 from ldm.generate import run as run_module
 from ldm.generate.errors import UserError
 from ldm.generate.inpaint import FEATHER_PIXELS, Inpainting, generated_weight
-from ldm.generate.loading import LoadedModel
 from ldm.generate.output import OutputFolder, to_uint8_images
 from ldm.generate.run import Job, run
 from ldm.generate.upscale import Upscaling
 from ldm.models.diffusion.sampling import Schedule
 from ldm.models.tiling import decode_tiled, tile_starts
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from helpers import loaded_tiny
 from tiny_model import TINY_CONFIG, tiny_model
 
 INPAINT_CONFIG = REPO / "configs" / "tiny" / "inpaint-tiny.yaml"
 UPSCALE_CONFIG = REPO / "configs" / "tiny" / "upscale-tiny.yaml"
 SIZE = 64
-
-
-def loaded_tiny(config, factor=8):
-    return LoadedModel(tiny_model(config=config), None, config, torch.device("cpu"), torch.float32, 4, factor, 64)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def inpaint_model():
 
 @pytest.fixture(scope="module")
 def upscale_model():
-    return loaded_tiny(UPSCALE_CONFIG, factor=4)
+    return loaded_tiny(UPSCALE_CONFIG, downsampling_factor=4)
 
 
 def picture():

@@ -10,7 +10,7 @@ from ldm.generate.loading import load
 from ldm.generate.output import OutputFolder
 from ldm.generate.run import Job, run
 from ldm.generate.txt2img import run_txt2img
-from test_txt2img_cli import txt2img
+from helpers import txt2img
 from tiny_model import write_tiny_checkpoint
 
 COMPONENTS = ("cond_stage_model", "model", "first_stage_model")
@@ -56,7 +56,7 @@ def test_only_the_component_in_use_is_converted_and_the_others_go_back_to_the_fi
 
 def test_normal_mode_converts_everything_at_load(fp16_ckpt):
     loaded = load(str(fp16_ckpt), None, "cpu", "full", log=lambda _: None)
-    assert loaded.model.components_on_demand is None
+    assert loaded.components is None
     assert dtypes_of(loaded.model) == {torch.float32} and kernels_channels_last(loaded.model.model)
     assert loaded.use("model") is loaded.model.model
 

@@ -9,7 +9,6 @@ Our model is built the way users get it: the random state dict is written to a c
 back with `ldm.checkpoint.load_model`. diffusers reads the same file with `torch.load`, so a loader bug
 that reorders or swaps weights shows up as a mismatch too. No hub access.
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -17,24 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from accelerate import init_empty_weights  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (  # noqa: E402
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-    create_vae_diffusers_config_from_ldm,
-)
-from omegaconf import OmegaConf  # noqa: E402
 
 from conftest import REPO, reference_path  # noqa: E402
-from ldm.checkpoint import load_model, parameters_on_meta  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from helpers import diffusers_models, meta_state_dict, random_state_dict, relative_error, seeded  # noqa: E402
+from ldm.checkpoint import load_model  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-4
 TIMESTEPS = [1, 500, 999]  # one batch, one timestep per sample
 IMAGE_SIZE = 64
-POOL_SLACK = 1.5  # each pool of noise is this much longer than its largest tensor, so all offsets vary
 
 
 @dataclass(frozen=True)
@@ -51,69 +41,6 @@ CASES = {
     "sd1": Case("v1-inference.yaml", "compvis-v1-inference.yaml", 768, ((8, 8), (8, 12))),
     "sd2-v": Case("v2-inference-v.yaml", "stability-v2-inference-v.yaml", 1024, ((8, 8),)),
 }
-
-
-def random_state_dict(template: dict, seed: int) -> dict:
-    """Seeded random weights for every parameter of `template` (a meta-built model's state dict).
-
-    Scaled so that activations stay O(1) through the whole network: matrices and kernels with standard
-    deviation 1/sqrt(fan_in), norm scales near 1, small biases. Every tensor is random, including the
-    output convolutions that the networks initialise to zero: with those at zero, whole branches (and the
-    UNet's output) would be zero on both sides and the comparison would check nothing.
-    Buffers (the noise schedule) are real already and are kept.
-
-    To keep the checkpoint small, the tensors of one scale are windows, at seeded random offsets, into one
-    shared pool of noise of that scale: torch.save writes a shared storage once, so the file holds about
-    1 GB instead of 4 to 5, and drawing, writing and paging it in cost a quarter as much. Windows overlap
-    only at shifted positions, which no comparison of two implementations could take for agreement.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    scales = {key: scale_of(key, tensor) for key, tensor in template.items() if tensor.device.type == "meta"}
-    largest = {}
-    for key, scale in scales.items():
-        largest[scale] = max(largest.get(scale, 0), template[key].numel())
-    pools = {}
-    for (std, mean), count in largest.items():
-        pool = torch.empty(int(count * POOL_SLACK)).uniform_(-math.sqrt(3), math.sqrt(3), generator=generator)
-        pools[std, mean] = pool.mul_(std).add_(mean)  # a uniform variable on [-a, a] has variance a^2 / 3
-
-    weights = {}
-    for key, template_tensor in template.items():
-        if key not in scales:
-            weights[key] = template_tensor.clone()
-            continue
-        pool, count = pools[scales[key]], template_tensor.numel()
-        offset = int(torch.randint(0, pool.numel() - count + 1, (1,), generator=generator))
-        weights[key] = pool[offset:offset + count].view(template_tensor.shape)
-    return weights
-
-
-def scale_of(key: str, tensor: torch.Tensor) -> tuple:
-    """(standard deviation, mean) of a parameter's random values."""
-    if tensor.ndim >= 2:
-        return 1 / math.sqrt(tensor[0].numel()), 0.0  # 1 / sqrt(fan_in)
-    if key.endswith("weight"):  # the 1-D weights are the norm layers' scales
-        return 0.1, 1.0
-    return 0.1, 0.0
-
-
-def meta_state_dict(config_path) -> dict:
-    config = OmegaConf.load(config_path)
-    with parameters_on_meta():
-        return instantiate_from_config(config.model, use_ema=False).state_dict()
-
-
-def diffusers_models(original_config_path, checkpoint: dict):
-    """diffusers' UNet and VAE, configured from the original YAML and loaded strictly from `checkpoint`."""
-    original_config = OmegaConf.to_container(OmegaConf.load(original_config_path), resolve=True)
-    unet_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
-    vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint)
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True, assign=True)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True, assign=True)
-    return unet.eval(), vae.eval()
 
 
 @dataclass
@@ -138,16 +65,12 @@ def models(request, tmp_path_factory):
     torch.save({"state_dict": random_state_dict(meta_state_dict(our_config_path), seed=0)}, checkpoint_path)
 
     # The config is given, as the SD 2.x v/eps probe says nothing about random weights.
-    ours, _ = load_model(checkpoint_path, config_path=our_config_path, log=lambda message: None)
+    ours = load_model(checkpoint_path, config_path=our_config_path, log=lambda message: None).model
     # An independent read of the same file; memory-mapped, so both models share the page cache.
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     unet, vae = diffusers_models(original_config_path, checkpoint)
     yield Models(ours, unet, vae, case)
     checkpoint_path.unlink()
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def assert_matches(ours: torch.Tensor, reference: torch.Tensor, what: str):
@@ -156,10 +79,6 @@ def assert_matches(ours: torch.Tensor, reference: torch.Tensor, what: str):
     assert 0.1 < reference.std().item() < 10, f"{what}: reference std {reference.std().item():.3g} is not O(1)"
     error = relative_error(ours, reference)
     assert error < MAX_RELATIVE_ERROR, f"{what}: relative error {error:.2e} >= {MAX_RELATIVE_ERROR}"
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_unet_output_matches_diffusers(models):

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO
+from helpers import relative_error
 from ldm.checkpoint import parameters_on_meta
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -16,30 +17,16 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
+from tiny_model import tiny_model as build_tiny_model
 
 SD_ALPHAS_CUMPROD = np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))
 SD_SCHEDULE = Schedule(SD_ALPHAS_CUMPROD)
-
-
-def relative_error(ours, reference):
-    return ((ours - reference).norm() / reference.norm()).item()
-
-
-def randomise_zero_initialised_(module, seed):
-    """Random weights in the layers the UNet starts at zero (output conv, residual and attention outputs),
-    so that the output, and the conditioning's effect on it, are not trivially zero."""
-    torch.manual_seed(seed)
-    for layer in module.modules():
-        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) and not layer.weight.any():
-            layer.reset_parameters()
+ON_CPU = {"dtype": torch.float32, "device": "cpu"}  # where the tiny model lies, as a run tells GuidedDenoiser
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "tiny" / "txt2img-tiny.yaml").model)
-    randomise_zero_initialised_(model.model, seed=1)
-    return model.eval().requires_grad_(False)
+    return build_tiny_model().requires_grad_(False)
 
 
 def tiny_inputs(batch=2, seed=0):
@@ -73,7 +60,7 @@ def diffusers_ddim(model, x, cond, uncond, scale, steps, eta, noise_seed):
 def assert_ddim_matches_diffusers(model, x, cond, uncond, steps, eta, scale=5.0):
     walked = []
     generator = torch.Generator().manual_seed(7)
-    ours = sampling.sample("ddim", GuidedDenoiser(model, cond, uncond, scale), x, steps, eta=eta,
+    ours = sampling.sample("ddim", GuidedDenoiser(model, cond, uncond, scale, **ON_CPU), x, steps, eta=eta,
                            generator=generator, callback=lambda info: walked.append(info["t"]))
     reference, reference_timesteps = diffusers_ddim(model, x, cond, uncond, scale, steps, eta, noise_seed=7)
     assert walked == reference_timesteps
@@ -281,28 +268,27 @@ def test_one_model_call_per_step_with_the_unconditional_half_only_when_guiding(
         tiny_model, monkeypatch, scale, with_uncond, expected_batch):
     x, cond, uncond = tiny_inputs(batch=2)
     calls = record_calls(monkeypatch, tiny_model)
-    sampling.sample("ddim", GuidedDenoiser(tiny_model, cond, uncond if with_uncond else None, scale), x, 5)
+    sampling.sample("ddim", GuidedDenoiser(tiny_model, cond, uncond if with_uncond else None, scale, **ON_CPU), x, 5)
     assert calls == [expected_batch] * 5
 
 
 def test_guidance_combines_the_two_halves_and_accepts_dict_conditioning(tiny_model):
     x, cond, uncond = tiny_inputs(batch=1)
     t = 500
-    guided_eps, _ = GuidedDenoiser(tiny_model, cond, uncond, 4.0)(x, t)
-    cond_eps, _ = GuidedDenoiser(tiny_model, cond)(x, t)
-    uncond_eps, _ = GuidedDenoiser(tiny_model, uncond)(x, t)
+    guided_eps, _ = GuidedDenoiser(tiny_model, cond, uncond, 4.0, **ON_CPU)(x, t)
+    cond_eps, _ = GuidedDenoiser(tiny_model, cond, **ON_CPU)(x, t)
+    uncond_eps, _ = GuidedDenoiser(tiny_model, uncond, **ON_CPU)(x, t)
     assert relative_error(cond_eps, uncond_eps) > 1e-2  # the conditioning matters in this model
     torch.testing.assert_close(guided_eps, uncond_eps + 4.0 * (cond_eps - uncond_eps), rtol=1e-4, atol=1e-5)
-    as_dicts = GuidedDenoiser(tiny_model, {"c_crossattn": [cond]}, {"c_crossattn": [uncond]}, 4.0)(x, t)[0]
+    as_dicts = GuidedDenoiser(tiny_model, {"c_crossattn": [cond]}, {"c_crossattn": [uncond]}, 4.0, **ON_CPU)(x, t)[0]
     torch.testing.assert_close(as_dicts, guided_eps, rtol=1e-5, atol=1e-6)
 
 
 class OracleModel(torch.nn.Module):
     """A stand-in for LatentDiffusion whose network output is exact for a known clean latent."""
 
-    def __init__(self, clean, parameterization, dtype=torch.float32):
+    def __init__(self, clean, parameterization):
         super().__init__()
-        self.model = torch.nn.Linear(1, 1).to(dtype)  # only its dtype and device matter
         self.register_buffer("alphas_cumprod", torch.tensor(SD_ALPHAS_CUMPROD, dtype=torch.float32))
         self.parameterization = parameterization
         self.clean = clean
@@ -324,7 +310,7 @@ def test_every_parameterisation_recovers_the_true_eps_and_x0(parameterization, t
     clean, noise = torch.randn(2, 2, 4, 8, 8, generator=generator, dtype=torch.float64)
     model = OracleModel(clean, parameterization)
     x = sampling.noise_to_step(SD_SCHEDULE, clean, t, noise).float()
-    eps, x0 = GuidedDenoiser(model, torch.zeros(2, 77, 8))(x, t)
+    eps, x0 = GuidedDenoiser(model, torch.zeros(2, 77, 8), **ON_CPU)(x, t)
     torch.testing.assert_close(x0.double(), clean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(eps.double(), noise, rtol=1e-4, atol=1e-4)
     assert model.inputs[0][1] == (torch.long if float(t).is_integer() else torch.float32)
@@ -332,8 +318,9 @@ def test_every_parameterisation_recovers_the_true_eps_and_x0(parameterization, t
 
 def test_the_network_runs_in_its_dtype_while_samplers_see_float32():
     clean = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
-    model = OracleModel(clean, "v", dtype=torch.bfloat16)
-    eps, x0 = GuidedDenoiser(model, torch.zeros(1, 77, 8))(torch.randn(1, 4, 8, 8), 250)
+    model = OracleModel(clean, "v")
+    denoiser = GuidedDenoiser(model, torch.zeros(1, 77, 8), dtype=torch.bfloat16, device="cpu")
+    eps, x0 = denoiser(torch.randn(1, 4, 8, 8), 250)
     assert model.inputs[0][0] == torch.bfloat16
     assert eps.dtype == x0.dtype == torch.float32
 
@@ -386,7 +373,7 @@ def test_ddim_sampler_img2img_api_matches_the_functions(tiny_model):
     encoded = sampler.stochastic_encode(x0, torch.tensor([7, 7]), noise=noise)
     torch.testing.assert_close(encoded, tiny_model.q_sample(x0, torch.tensor([701, 701]), noise))
     decoded = sampler.decode(encoded, cond, 7, unconditional_guidance_scale=3.0, unconditional_conditioning=uncond)
-    expected = sampling.sample("ddim", GuidedDenoiser(tiny_model, cond, uncond, 3.0), encoded, 10, skip_steps=3)
+    expected = sampling.sample("ddim", GuidedDenoiser(tiny_model, cond, uncond, 3.0, **ON_CPU), encoded, 10, skip_steps=3)
     torch.testing.assert_close(decoded, expected, rtol=0, atol=0)
 
 
@@ -399,7 +386,7 @@ def test_adapters_return_samples_and_intermediates_like_the_originals(tiny_model
         S=5, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_guidance_scale=3.0,
         unconditional_conditioning=uncond, x_T=x, verbose=False, log_every_t=2,
         callback=steps_seen.append, img_callback=lambda x0, i: previews.append(x0.shape))
-    expected = sampling.sample(name, GuidedDenoiser(tiny_model, cond, uncond, 3.0), x, 5)
+    expected = sampling.sample(name, GuidedDenoiser(tiny_model, cond, uncond, 3.0, **ON_CPU), x, 5)
     torch.testing.assert_close(samples, expected, rtol=0, atol=0)
     assert steps_seen == list(range(5)) and previews == [x.shape] * 5
     # the start, then step indices 4 (the first step), 2 and 0 (the last) counted down, as the originals log

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from helpers import relative_error  # noqa: E402
 from ldm.modules.encoders.modules import (  # noqa: E402
     LEGACY_POSITION_IDS_KEY,
     BPETextTransformer,
@@ -87,10 +88,6 @@ def build_reference_clip(checkpoint_text_model: dict, **config) -> nn.Module:
         checkpoint_text_model = {k.removeprefix("text_model."): v for k, v in checkpoint_text_model.items()}
     model.load_state_dict(checkpoint_text_model, strict=True, assign=True)
     return model.eval()
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_export_is_small_fp16_with_ema_weights_and_loads_strictly(run):
     ema = run["checkpoint"]["state_dict"]
     name = "diffusion_model.out.2.weight"
     assert torch.equal(state_dict["model." + name], ema["model_ema." + ema_name(name)].half())
-    model, _ = load_model(export, log=lambda message: None)  # the config beside it: <export>.yaml
+    model = load_model(export, log=lambda message: None).model  # the config beside it: <export>.yaml
     assert torch.equal(model.state_dict()["model." + name], state_dict["model." + name].float())
 
 

@@ -1,5 +1,4 @@
 """scripts/txt2img.py end to end on the tiny model: files, numbering, metadata, batches, errors, Ctrl-C."""
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from helpers import txt2img
 from tiny_model import write_tiny_checkpoint
 
 SCRIPT = REPO / "scripts" / "txt2img.py"
@@ -17,12 +17,6 @@ SCRIPT = REPO / "scripts" / "txt2img.py"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-def txt2img(*args, timeout=120):
-    env = {**os.environ, "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", "/tmp/ldm-test-cache")}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def quick(ckpt, outdir, *extra):

@@ -1,16 +1,10 @@
 """The txt2img run as a library: seeds, start noise, bad images."""
 import torch
 
-from ldm.generate.loading import LoadedModel
 from ldm.generate.output import OutputFolder
 from ldm.generate.txt2img import Txt2ImgJob, run_txt2img
 from ldm.models.diffusion import sampling
-from tiny_model import TINY_CONFIG, tiny_model
-
-
-def loaded_tiny():
-    model = tiny_model()
-    return LoadedModel(model, None, TINY_CONFIG, torch.device("cpu"), torch.float32, 4, 8, 64)
+from helpers import loaded_tiny
 
 
 def test_seed_means_one_cpu_generator_drawing_start_noise_per_batch(tmp_path, monkeypatch):

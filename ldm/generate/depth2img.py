@@ -27,7 +27,7 @@ from ldm.models.diffusion.ddpm_depth import LatentDepth2ImageDiffusion, normaliz
 from ldm.models.diffusion.sampling import Schedule
 from ldm.modules.midas.api import midas_state_dict
 from ldm.modules.midas.dpt import DPTDepthModel
-from ldm.util import get_obj_from_str
+from ldm.util import builds_subclass_of
 
 PAD_MULTIPLE = 64
 MIN_PADDED_SIDE = 128
@@ -113,7 +113,7 @@ def depth_source(ckpt_path, depth_map_given: bool, midas_path=None):
     name = Path(ckpt_path).name
 
     def customize(state_dict: dict, config) -> tuple[dict, dict]:
-        if not issubclass(get_obj_from_str(config.model.target), LatentDepth2ImageDiffusion):
+        if not builds_subclass_of(config.model, LatentDepth2ImageDiffusion):
             return state_dict, {}
         builds_estimator = config.model.params.get("depth_stage_config") is not None
         if depth_map_given:

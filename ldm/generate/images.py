@@ -6,9 +6,16 @@
 - Sizes: the networks need a multiple of 8 (the autoencoder's downsampling); an image that is not is
   resized to the nearest multiple of 8 on each side, which keeps the aspect ratio within a pixel, and the
   run says so in one line.
+- Limits: a file declaring more than Limits.max_pixels (--max_init_pixels) is refused before it is
+  decoded, or with --downscale_init shrunk to fit (JPEGs decoded at a reduced size directly); a file
+  declaring more than PIL's decompression-bomb limit is refused even then, since shrinking means decoding.
 - Tensors: [1, 3, H, W] float32 in [-1, 1], as the originals compute 2·x/255 - 1.
 - Masks (inpainting): white = repaint, black = keep; transparent pixels count as keep.
 """
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +25,83 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ldm.generate.errors import UserError
 
 ASPECT_TOLERANCE = 0.02  # a mask may differ from its image by this relative aspect ratio and still be resized
+MAX_INIT_PIXELS = 4096 * 4096  # 16 times SD's native size: an input above it is a mistake or needs shrinking
+BOMB_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (about 9459x9459), as PIL ships it
 
 
-def open_image(path, flag: str) -> Image.Image:
-    """The file as a fully decoded PIL image, upright; a missing or unreadable file is a UserError naming `flag`."""
+@dataclass(frozen=True)
+class Limits:
+    """How large an input picture may be, and whether a larger one is shrunk to fit instead of refused."""
+    max_pixels: int = MAX_INIT_PIXELS
+    downscale: bool = False
+
+    def decodable(self) -> int:
+        """The most pixels decoded at all: shrinking needs the whole picture decoded first."""
+        return max(self.max_pixels, BOMB_PIXELS) if self.downscale else self.max_pixels
+
+
+@contextmanager
+def _bomb_limit(pixels: int):
+    """PIL's own decompression-bomb check set to `pixels`, its warning an error: our limit holds inside PIL too."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(path, flag: str, limits: Limits = Limits(), log=print) -> Image.Image:
+    """The file as a fully decoded PIL image, upright, within `limits`; a missing, unreadable or too large
+    file is a UserError naming `flag`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        with Image.open(path) as image:
+        with _bomb_limit(limits.decodable()), Image.open(path) as image:
+            width, height = image.size  # from the header: nothing is decoded yet
+            if width * height > limits.decodable():
+                raise UserError(_too_large(flag, path, width, height, limits))
+            if width * height > limits.max_pixels:  # and --downscale_init was given
+                # A JPEG decodes at 1/2, 1/4 or 1/8 of its size directly (no larger than needed); others ignore it.
+                image.draft(image.mode, _downscaled_size(width, height, limits.max_pixels))
             image.load()  # decode now: a truncated file fails here, not halfway through a run
-            return ImageOps.exif_transpose(image)
+            image = ImageOps.exif_transpose(image)
+            target = _downscaled_size(*image.size, limits.max_pixels)
+            if target != image.size:
+                log(f"shrunk {flag} {path.name} from {width}x{height} to {target[0]}x{target[1]} "
+                    f"(--downscale_init: at most {limits.max_pixels} pixels)")
+                image = image.resize(target, resample=Image.LANCZOS)
+            return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(_too_large(flag, path, *_declared_size(path), limits)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{flag} {path} cannot be read as an image ({str(error).splitlines()[0][:100]})") from None
+
+
+def _declared_size(path) -> tuple[int, int]:
+    """The size a file's header declares, read with PIL's bomb check off (nothing is decoded)."""
+    with _bomb_limit(None), Image.open(path) as image:
+        return image.size
+
+
+def _too_large(flag, path, width, height, limits: Limits) -> str:
+    pixels = width * height
+    if pixels > limits.decodable() and limits.downscale:
+        return (f"{flag} {Path(path).name} declares {width}x{height} pixels, more than {limits.decodable()} that "
+                "are decoded even to shrink it (a decompression bomb?): use a smaller picture")
+    return (f"{flag} {Path(path).name} is {width}x{height} = {pixels} pixels, over the limit of {limits.max_pixels}: "
+            "pass --downscale_init to shrink it on loading, or raise --max_init_pixels")
+
+
+def _downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size, aspect ratio kept, of at most max_pixels pixels (the size itself when it is not over)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -87,13 +158,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def load_image(path, multiple: int = 8, flag: str = "--init-img", log=print) -> torch.Tensor:
+def load_image(path, multiple: int = 8, flag: str = "--init-img", log=print, limits: Limits = Limits()) -> torch.Tensor:
     """An input picture as a [1, 3, H, W] tensor in [-1, 1], H and W multiples of `multiple`."""
-    image = fit_to_multiple(to_rgb(open_image(path, flag)), multiple, Path(path).name, log)
+    image = fit_to_multiple(to_rgb(open_image(path, flag, limits, log)), multiple, Path(path).name, log)
     return to_tensor(image)
 
 
-def load_image_and_mask(image_path, mask_path, multiple: int = 8, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_and_mask(image_path, mask_path, multiple: int = 8, log=print,
+                        limits: Limits = Limits()) -> tuple[torch.Tensor, torch.Tensor]:
     """The picture as load_image gives it, and its inpainting mask as [1, 1, H, W] float32 (1 = repaint).
 
     The mask is white = repaint, black = keep, in any mode: read as luminance (transparent pixels
@@ -101,7 +173,7 @@ def load_image_and_mask(image_path, mask_path, multiple: int = 8, log=print) -> 
     brightness, as the originals binarise. A mask whose aspect ratio differs from the picture's cannot
     be meant for it and is refused; an all-black mask (nothing to repaint) too.
     """
-    image, mask = open_image(image_path, "--init-img"), open_image(mask_path, "--mask")
+    image, mask = open_image(image_path, "--init-img", limits, log), open_image(mask_path, "--mask", limits, log)
     image_aspect, mask_aspect = image.width / image.height, mask.width / mask.height
     if abs(mask_aspect / image_aspect - 1.0) > ASPECT_TOLERANCE:
         raise UserError(f"--mask {Path(mask_path).name} is {mask.width}x{mask.height} but --init-img is "

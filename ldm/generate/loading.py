@@ -1,13 +1,14 @@
 """Which checkpoint, config, device and dtype a run uses, and the loaded model with what scripts need of it."""
 import os
 import platform
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model, use_component
-from ldm.placement import libc, resolve_dtype
+from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
+from ldm.placement import CheckpointChanged, CheckpointFile, OneComponentAtATime, libc, resolve_dtype
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
 
@@ -98,6 +99,8 @@ def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
 
 @dataclass
 class LoadedModel:
+    """The model of a run with what scripts need of it. checkpoint: the file as loaded (None for a model
+    built in memory); components: low-memory mode's converter of one component at a time (None otherwise)."""
     model: torch.nn.Module
     config: object
     ckpt_path: Path
@@ -106,6 +109,9 @@ class LoadedModel:
     latent_channels: int
     downsampling_factor: int
     native_size: int
+    checkpoint: CheckpointFile | None = None
+    components: OneComponentAtATime | None = None
+    _hash: str | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -113,8 +119,16 @@ class LoadedModel:
 
     @property
     def hash(self) -> str:
-        if not hasattr(self, "_hash"):
-            self._hash = model_hash(self.ckpt_path)
+        """A1111's "Model hash" of the checkpoint as loaded: `load` computes it at once, and a file that has
+        changed since it was loaded is refused rather than hashed."""
+        if self._hash is None:
+            with changed_file_as_user_error():
+                if self.checkpoint is not None:
+                    self.checkpoint.ensure_unchanged(at_path=True)
+                digest = model_hash(self.ckpt_path)
+                if self.checkpoint is not None:
+                    self.checkpoint.ensure_unchanged(at_path=True)
+            self._hash = digest
         return self._hash
 
     @property
@@ -139,8 +153,11 @@ class LoadedModel:
     def use(self, component: str) -> torch.nn.Module:
         """The model's text encoder, UNet, autoencoder or depth estimator ("cond_stage_model", "model",
         "first_stage_model", "depth_model"), ready to run: in low-memory mode it is converted now and the
-        one used before is given back."""
-        return use_component(self.model, component)
+        one used before is given back, once the checkpoint file is known to be unchanged."""
+        if self.components is not None:
+            with changed_file_as_user_error():
+                self.components.use(component)
+        return getattr(self.model, component)
 
     def autocast(self):
         """fp16 autocast on CUDA (as the originals' --precision autocast); a no-op elsewhere."""
@@ -152,9 +169,17 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiox" else "a"
 
 
+@contextmanager
+def changed_file_as_user_error():
+    try:
+        yield
+    except CheckpointChanged as error:
+        raise UserError(str(error)) from None
+
+
 def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print,
-         customize=None, low_memory=False) -> LoadedModel:
-    """The model for a run; `customize` and `low_memory` as in ldm.checkpoint.load_model."""
+         customize=None, low_memory=False, trust_config=False) -> LoadedModel:
+    """The model for a run; `customize`, `low_memory` and `trust_config` as in ldm.checkpoint.load_model."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
     if device.type == "cpu":
@@ -165,16 +190,20 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
                 "slower than fp32 here: use --precision full")
     ckpt_path = resolve_checkpoint(ckpt, log)
     try:
-        model, model_config = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
-                                         customize=customize, low_memory=low_memory)
+        with changed_file_as_user_error():
+            result = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
+                                customize=customize, low_memory=low_memory, trust_config=trust_config)
     except CheckpointError as error:
         raise UserError(str(error)) from None
-    factor = model.first_stage_model.downsampling_factor
-    return LoadedModel(model, model_config, ckpt_path, device, dtype, latent_channels=model.channels,
-                       downsampling_factor=factor, native_size=model.image_size * factor)
+    model, factor = result.model, result.model.first_stage_model.downsampling_factor
+    loaded = LoadedModel(model, result.config, ckpt_path, device, dtype, latent_channels=model.channels,
+                         downsampling_factor=factor, native_size=model.image_size * factor,
+                         checkpoint=result.checkpoint, components=result.components)
+    loaded.hash  # now, while the file is the one loaded (cached by path, size and date: free after the first time)
+    return loaded
 
 
 def load_from_args(args, log=print, customize=None) -> LoadedModel:
-    """The model a script's --ckpt, --config, --device, --precision, --use_ema and --lowmem ask for."""
+    """The model a script's --ckpt, --config, --device, --precision, --use_ema, --lowmem and --trust_config ask for."""
     return load(args.ckpt, args.config, args.device, args.precision, args.use_ema, log=log, customize=customize,
-                low_memory=args.lowmem)
+                low_memory=args.lowmem, trust_config=args.trust_config)

@@ -1,8 +1,10 @@
 """Output files: numbering that never overwrites, atomic PNG writes, A1111 metadata, watermark, grids."""
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -96,24 +98,90 @@ def model_hash(path) -> str:
 
 
 # --- files ------------------------------------------------------------------------------------------------
+MAX_NAME_TRIES = 100  # numbers tried before giving up: each failure means another writer took the number
+_LINK_UNSUPPORTED = {errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
+                     errno.ENOSYS}
+_FIXES = {  # what to do about a failed write, by errno; {flag} is the option that names the place
+    errno.ENOSPC: "the disk is full: free some space or pass {flag} on another disk",
+    errno.EDQUOT: "the disk quota is used up: free some space or pass {flag} on another disk",
+    errno.EFBIG: "the file-size limit, ulimit -f, is below the file's size: raise it",
+    errno.EEXIST: "rename files whose names differ only in case, such as 00000.PNG beside 00000.png",
+}
+
+
+class SaveFailed(Exception):
+    """A file could not be written (disk full, file-size limit, ...); what was saved before is kept."""
+
+    def __init__(self, what: str, folder: Path, error: OSError, flag: str = "--outdir"):
+        fix = _FIXES.get(error.errno, "pass {flag} with a writable folder").format(flag=flag)
+        super().__init__(f"cannot save {what} to {folder}: {error.strerror or error} ({fix})")
+
+
+def check_can_create(folder: Path, fix: str = "pass --outdir with a writable folder"):
+    """Refuse, as a UserError, a folder that cannot be created or written, without creating anything:
+    the nearest existing ancestor must be a folder we can write to."""
+    existing = folder
+    try:
+        while not existing.is_dir():
+            if existing.exists() or existing.is_symlink() or existing.parent == existing:
+                # a file, a link to nowhere or a removed working folder where a folder must be
+                raise UserError(f"cannot write to output folder {folder}: {existing} is not a folder; {fix}")
+            existing = existing.parent
+        with tempfile.TemporaryFile(dir=existing):  # unnamed on Linux: leaves nothing behind
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {folder}: {error.strerror or error}; {fix}") from None
+
+
+def _write_partial(folder: Path, suffix: str, write) -> Path:
+    """A new `.partial-*` file in `folder` filled by write(file), with the usual 0666 & ~umask permissions
+    (a NamedTemporaryFile's would be 0600); nothing is left behind if writing fails or is interrupted."""
+    for _ in range(MAX_NAME_TRIES):
+        path = folder / f".partial-{secrets.token_hex(6)}{suffix}"
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, f"no free temporary name in {folder}")
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            write(f)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _atomic_write_bytes(path: Path, data: bytes):
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        f.write(data)
-        temp = Path(f.name)
-    os.replace(temp, path)
+    temp = _write_partial(path.parent, path.suffix, lambda f: f.write(data))
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
-def _publish(temp: str, target: Path):
+def _publish(temp: Path, target: Path):
     """Give the finished temporary file its final name, never replacing an existing file."""
     try:
         os.link(temp, target)  # atomic, and fails if the name exists
-        os.unlink(temp)
     except FileExistsError:
         raise
-    except OSError:  # a filesystem without hard links: reserve the name, then rename over the reservation
+    except OSError as error:
+        if error.errno not in _LINK_UNSUPPORTED:  # a full disk or the like: nothing to fall back to
+            raise
+        # A filesystem without hard links: reserve the name, then rename over the reservation.
         with open(target, "x"):
             pass
-        os.replace(temp, target)
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        return
+    os.unlink(temp)
 
 
 def _highest_number(folder: Path, pattern: re.Pattern) -> int:
@@ -121,48 +189,98 @@ def _highest_number(folder: Path, pattern: re.Pattern) -> int:
     return max(numbers, default=-1)
 
 
+def _publish_numbered(temp: Path, folder: Path, pattern: re.Pattern, name_format: str) -> Path:
+    """Publish under the number after the highest in the folder, or after the last one tried when that
+    name was taken (by another run, or by a name the pattern does not see)."""
+    number = -1
+    for _ in range(MAX_NAME_TRIES):
+        number = max(_highest_number(folder, pattern), number) + 1
+        target = folder / name_format.format(number)
+        try:
+            _publish(temp, target)
+            return target
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free file name after {MAX_NAME_TRIES} tries (the last {target.name})")
+
+
+class MadeFolders:
+    """The folders made for a run's files, so that a run that saved nothing removes exactly those."""
+
+    def __init__(self):
+        self.made: list[Path] = []  # in the order made
+
+    def make(self, folder: Path):
+        missing = []
+        while not folder.is_dir() and folder.parent != folder:
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+                self.made.append(folder)
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder") from None
+                # another run made it at the same moment: theirs, not ours to remove
+
+    def remove(self):
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()  # only ever empty: a folder someone wrote into stays
+            except OSError:
+                pass
+        self.made.clear()
+
+
 class OutputFolder:
     """`outdir/samples/NNNNN.png` and `outdir/grid-NNNN.png`, numbered after the highest existing number
     (the originals count files, so a gap makes them overwrite), each written to a temporary file and
-    renamed, so an interrupted run never leaves a broken PNG and nothing is ever overwritten."""
+    renamed, so an interrupted run never leaves a broken PNG and nothing is ever overwritten.
 
-    SAMPLE = re.compile(r"(\d+)\.png")
-    GRID = re.compile(r"grid-(\d+)\.png")
+    Folders are created by the first save, so a run that fails before saving anything leaves none behind;
+    when even that first save fails, the folders it created are removed again.
+    """
+
+    # Case-insensitive: on such filesystems 00000.PNG takes the name 00000.png.
+    SAMPLE = re.compile(r"(\d+)\.png", re.IGNORECASE)
+    GRID = re.compile(r"grid-(\d+)\.png", re.IGNORECASE)
 
     def __init__(self, outdir, save_samples: bool = True):
         self.outdir = Path(outdir)
         self.samples = self.outdir / "samples"
         self.save_samples = save_samples
+        self.made_folders = MadeFolders()
+        self.files_saved = 0
 
     def check_writable(self):
-        """Fail before any work if the folder cannot be written (creates it, as the originals do)."""
+        """Fail before any work if the folders cannot be created or written; creates nothing."""
         for folder in (self.outdir, self.samples) if self.save_samples else (self.outdir,):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=folder):
-                    pass
-            except OSError as error:
-                raise UserError(f"cannot write to output folder {folder}: {error.strerror or error}; "
-                                "pass --outdir with a writable folder") from None
+            check_can_create(folder)
 
-    def _save(self, folder: Path, pattern: re.Pattern, name_format: str, image: np.ndarray, text: str | None) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
+    def _save(self, what: str, folder: Path, pattern: re.Pattern, name_format: str, image: np.ndarray,
+              text: str | None) -> Path:
         png = PngImagePlugin.PngInfo()
         if text:
             png.add_text("parameters", text)
-        temp = tempfile.NamedTemporaryFile(dir=folder, prefix=".partial-", suffix=".png", delete=False)
-        with temp:
-            Image.fromarray(image).save(temp, format="PNG", pnginfo=png)
-        while True:
-            target = folder / name_format.format(_highest_number(folder, pattern) + 1)
-            try:
-                _publish(temp.name, target)
-                return target
-            except FileExistsError:
-                continue  # another run took the number
+        temp = None
+        try:
+            self.made_folders.make(folder)
+            temp = _write_partial(folder, ".png", lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=png))
+            target = _publish_numbered(temp, folder, pattern, name_format)
+        except BaseException as error:  # a failed write or Ctrl-C
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+            if not self.files_saved:
+                self.made_folders.remove()
+            if isinstance(error, OSError):
+                raise SaveFailed(what, folder, error) from None
+            raise
+        self.files_saved += 1
+        return target
 
     def save_sample(self, image: np.ndarray, text: str | None) -> Path:
-        return self._save(self.samples, self.SAMPLE, "{:05}.png", image, text)
+        return self._save("a picture", self.samples, self.SAMPLE, "{:05}.png", image, text)
 
     def save_grid(self, image: np.ndarray, text: str | None) -> Path:
-        return self._save(self.outdir, self.GRID, "grid-{:04}.png", image, text)
+        return self._save("the grid", self.outdir, self.GRID, "grid-{:04}.png", image, text)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ldm.generate.errors import Interrupted
-from ldm.generate.output import OutputFolder, Watermarker, infotext, make_grid, to_uint8_images
+from ldm.generate.output import OutputFolder, SaveFailed, Watermarker, infotext, make_grid, to_uint8_images
 from ldm.generate.progress import StopFlag, progress_bar, step_callback
 from ldm.generate.prompts import truncation_warnings
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
@@ -52,6 +52,7 @@ class RunReport:
     failed: list = field(default_factory=list)
     grid: object = None
     interrupted: str | None = None
+    save_failed: str | None = None  # why a file could not be written; the run stopped there
 
 
 class SeededNoise:
@@ -197,22 +198,25 @@ class _Run:
 
     def all_batches(self) -> RunReport:
         job = self.job
-        with torch.inference_mode(), self.loaded.autocast():
-            self.task.prepare(job, self.loaded, self.log)
-            try:
-                for iteration in range(job.n_iter):
-                    for batch_index, prompts in enumerate(job.batches):
-                        number = iteration * len(job.batches) + batch_index + 1
-                        self.one_batch(prompts, number)
-                        if self.stop.requested:  # a batch without sampling steps (img2img at strength 0) stops here
-                            raise Interrupted(f"the end of batch {number} of {self.total_batches}")
-            except Interrupted as where:
-                self.report.interrupted = str(where)
-        if job.save_grid and self.grid_images:
-            batch_size = max(len(batch) for batch in job.batches)
-            grid = self.watermark.apply(make_grid(self.grid_images, job.n_rows or batch_size))
-            text = infotext(job.batches[0][0], job.negative_prompt, self.fields(batch_size, None))
-            self.report.grid = self.folder.save_grid(grid, text)
+        try:
+            with torch.inference_mode(), self.loaded.autocast():
+                self.task.prepare(job, self.loaded, self.log)
+                try:
+                    for iteration in range(job.n_iter):
+                        for batch_index, prompts in enumerate(job.batches):
+                            number = iteration * len(job.batches) + batch_index + 1
+                            self.one_batch(prompts, number)
+                            if self.stop.requested:  # a batch without sampling steps (img2img at strength 0) stops here
+                                raise Interrupted(f"the end of batch {number} of {self.total_batches}")
+                except Interrupted as where:
+                    self.report.interrupted = str(where)
+            if job.save_grid and self.grid_images:
+                batch_size = max(len(batch) for batch in job.batches)
+                grid = self.watermark.apply(make_grid(self.grid_images, job.n_rows or batch_size))
+                text = infotext(job.batches[0][0], job.negative_prompt, self.fields(batch_size, None))
+                self.report.grid = self.folder.save_grid(grid, text)
+        except SaveFailed as error:  # a full disk or the like: what is saved stays, nothing more is tried
+            self.report.save_failed = str(error)
         return self.report
 
     def one_batch(self, prompts: list[str], number: int):
@@ -224,7 +228,8 @@ class _Run:
         latents = start.latents.to(self.loaded.device)
         if start.skip_steps < job.steps:
             self.loaded.use("model")
-            denoiser = GuidedDenoiser(model, start.cond, start.uncond, job.scale)
+            denoiser = GuidedDenoiser(model, start.cond, start.uncond, job.scale, dtype=self.loaded.dtype,
+                                      device=self.loaded.device)
             with progress_bar(job.steps - start.skip_steps, f"batch {number}/{self.total_batches}") as bar:
                 latents = sample(job.sampler, denoiser, latents, job.steps, skip_steps=start.skip_steps, eta=job.eta,
                                  generator=self.noise.generator, callback=step_callback(bar, self.stop),
@@ -246,7 +251,9 @@ class _Run:
         """One picture: refused if its decode is NaN (the rest of the batch goes on), else watermarked and saved."""
         problem = image_problem(decoded_image)
         if problem == "NaN":
-            self.log(f"error: {label} came out NaN and was not saved: try --precision full")
+            advice = ("try --precision full (fp32)" if self.loaded.dtype != torch.float32 else
+                      "it ran in fp32 already, so the checkpoint or its config is the likely cause (or a very large --scale)")
+            self.log(f"error: {label} came out NaN and was not saved: {advice}")
             self.report.failed.append(label)
             return
         if problem:
@@ -282,11 +289,22 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
 
 
 def run_and_report(job: Job, task: Task, loaded, folder: OutputFolder) -> int:
-    """Run with Ctrl-C caught, print where the pictures went; the exit status (130 interrupted, 1 failed)."""
-    with StopFlag().catching_sigint() as stop:
-        report = run(job, task, loaded, folder, stop=stop)
+    """Run with Ctrl-C caught, print where the pictures went; the exit status: 130 interrupted, 1 when a
+    picture came out NaN or a file could not be written (disk full, file-size limit: one line on stderr)."""
+    stop = StopFlag()
+    this_run = _Run(job, task, loaded, folder, print, stop)
+    with stop.catching_sigint():
+        try:
+            this_run.all_batches()
+        except KeyboardInterrupt:  # a second Ctrl-C stops at once
+            this_run.report.interrupted = "once by a second Ctrl-C"
+    report = this_run.report
     where = f"{len(report.saved)} images in {folder.samples}" if folder.save_samples else "no single images (--skip_save)"
     grid = f", grid {report.grid}" if report.grid else ""
+    if report.save_failed:
+        kept = f"kept {where}{grid}" if report.saved or report.grid else "nothing was saved"
+        print(f"error: {report.save_failed}; {kept}", file=sys.stderr)
+        return 1
     if report.interrupted:
         print(f"interrupted at {report.interrupted}: kept {where}{grid}", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ adapters over `sampling`, for code written against the CompVis / Stability API.
 """
 import torch
 
-from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule, noise_to_step, sample, sample_ddim
+from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule, noise_to_step, placement_of, sample, sample_ddim
 
 
 def _mask_blend(mask, known, schedule):
@@ -48,7 +48,8 @@ class OriginalSampler:
                        **{key: value is not None for key, value in kwargs.items()}}
         if any(unsupported.values()):
             raise ValueError(f"unsupported sampler option(s): {', '.join(k for k, v in unsupported.items() if v)}")
-        denoiser = GuidedDenoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        denoiser = GuidedDenoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                                  **placement_of(self.model))
         size = (batch_size, *shape)
         x = torch.randn(size, device=denoiser.device) if x_T is None else x_T.float()
         if verbose:
@@ -107,7 +108,8 @@ class DDIMSampler(OriginalSampler):
                callback=None):
         """Denoise through the first t_start DDIM timesteps (img2img), with make_schedule's eta."""
         self._require_schedule()
-        denoiser = GuidedDenoiser(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        denoiser = GuidedDenoiser(self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
+                                  **placement_of(self.model))
         on_step = (lambda info: callback(info["i"])) if callback is not None else None
         return sample_ddim(denoiser, x_latent.float(), self.ddim_timesteps[:t_start], eta=self.ddim_eta,
                            callback=on_step)

@@ -250,22 +250,3 @@ class LatentDiffusion(DDPM):
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
         return params
-
-
-_VARIANT_MODULES = {  # class -> the module of ldm.models.diffusion that defines it
-    "LatentInpaintDiffusion": "ddpm_variants",
-    "LatentUpscaleDiffusion": "ddpm_variants",
-    "LatentDepth2ImageDiffusion": "ddpm_depth",
-}
-
-
-def __getattr__(name):
-    """The original YAML files name the model-family variants as `ldm.models.diffusion.ddpm.<Class>`.
-
-    Resolved on first use: the variant modules import this one, so they cannot be imported at its top.
-    """
-    if name in _VARIANT_MODULES:
-        import importlib
-
-        return getattr(importlib.import_module(f"ldm.models.diffusion.{_VARIANT_MODULES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

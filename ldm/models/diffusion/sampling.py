@@ -95,21 +95,27 @@ def _cast_conditioning(cond, dtype):
     return cond.to(dtype) if torch.is_tensor(cond) and cond.is_floating_point() else cond
 
 
+def placement_of(model) -> dict:
+    """{"dtype", "device"} of a bare LatentDiffusion's UNet, for GuidedDenoiser's callers that hold nothing
+    but the model (the original-API adapters, training's sample grids); a run knows them from its LoadedModel."""
+    parameter = next(model.model.parameters())
+    return {"dtype": parameter.dtype, "device": parameter.device}
+
+
 class GuidedDenoiser:
     """A LatentDiffusion model with classifier-free guidance, as a denoiser (x, t) -> (eps, x0) in float32.
 
     One batched apply_model call per evaluation, over [uncond, cond] (the originals' order); the
     unconditional half is skipped entirely when scale == 1 or uncond is None. Guidance is applied to the
-    raw model output (eps or v) as the originals do; the network runs in its own dtype (fp16/bf16 too)
-    while everything the samplers see stays float32.
+    raw model output (eps or v) as the originals do; the network runs in `dtype` on `device`, where its
+    caller placed it (fp16/bf16 too), while everything the samplers see stays float32.
     """
 
-    def __init__(self, model, cond, uncond=None, scale=1.0):
+    def __init__(self, model, cond, uncond=None, scale=1.0, *, dtype: torch.dtype, device):
         self.model = model
         self.schedule = Schedule(model.alphas_cumprod)
         self.parameterization = model.parameterization
-        first_parameter = next(model.model.parameters())
-        self.device, self.dtype = first_parameter.device, first_parameter.dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.scale = float(scale)
         self.guided = uncond is not None and self.scale != 1.0
         both = _concat_conditioning(uncond, cond) if self.guided else cond
