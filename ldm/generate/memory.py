@@ -17,12 +17,10 @@ The UNet's and the decoder's activations are not held at once: the peak takes th
 Not counted: the text encoder's activations (77 tokens), and an init image's encode and depth2img's depth
 estimate, which run once on one picture and hold less than the decoder's full-size working set.
 
-Measured on a CPU (fp32, random weights, the peak resident memory of one UNet call or one decode over
-what the weights hold): the SD 1.x UNet at batch 2 took 376 MiB at 256^2 and 466 MiB at 512^2 (estimated
-368 and 488); the SD 1.x decoder 304 MiB at 256^2 and 1132 MiB at 512^2 (estimated 289 and 1059); the tiny
-test model's decoder 335 MiB at batch 2, 512^2 (estimated 390; tests/test_argument_checks.py measures it
-again). The tiny UNet's few MiB are below a fixed overhead of the framework that is not counted. Since
-the estimate errs by about 10 % where memory matters, a run is refused only when it exceeds what is
+Checked against the peak resident memory of one UNet call or one decode (over what the weights hold) of
+the SD 1.x architecture at 256^2 and 512^2, where it erred by about 10 % either way; the tiny test model's
+decoder is measured again by tests/test_argument_checks.py. The tiny UNet's few MiB are below a fixed
+overhead of the framework that is not counted. A run is refused only when the estimate exceeds what is
 available by REFUSE_ABOVE.
 
 Available memory: CUDA's free memory (torch.cuda.mem_get_info), a CPU's MemAvailable (/proc/meminfo), or
