@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
 from ldm.generate.options import OneLineParser, run_cli  # noqa: E402
 

@@ -4,6 +4,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
 from ldm.generate import loading, options  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402

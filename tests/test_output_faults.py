@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -331,6 +332,21 @@ def test_ctrl_c_while_loading_is_one_line_and_exit_130(ckpt, tmp_path):
         process.kill()
     assert process.returncode == 130
     assert one_error_line(stderr) == "interrupted by Ctrl-C before sampling started: nothing was saved"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_exit_130(ckpt, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(TXT2IMG), *map(str, quick(ckpt, out))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # importing torch takes seconds
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert one_error_line(stderr) == "interrupted by Ctrl-C while starting: nothing was saved"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -133,6 +133,7 @@ def run_cli(main, interrupted="interrupted by Ctrl-C before sampling started: no
     """Run a script's main() so that what goes wrong is one line on stderr: a UserError exits with status
     2, a file that could not be written (SaveFailed) with 1, Ctrl-C outside the sampling loop (which
     handles its own) with 130 and the line `interrupted`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, KeyboardInterrupt as below
     if hasattr(signal, "SIGXFSZ"):  # past a file-size limit a write then fails with EFBIG instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
