@@ -185,15 +185,18 @@ def load_theirs(path: Path, config_dir: Path, channels_last: bool):
 
 
 def load_tensors_only(path: Path):
-    """The floor for any loader that gives what ours gives: the file's tensors as fp32, convolution kernels
-    channels-last, and no model built around them (no modules, no key checks, no pages given back)."""
+    """The floor for any loader that gives what ours gives: the file's tensors as fp32 in the process's own
+    memory (none left a view of the file, which a truncation of the file would turn into SIGBUS),
+    convolution kernels channels-last, and no model built around them (no modules, no key or value checks,
+    no pages given back)."""
     from ldm.checkpoint import read_checkpoint
     from ldm.placement import channels_last_kernel
 
     def run():
         state_dict, _metadata = read_checkpoint(path)
         tensors = [t for t in state_dict.values() if t.is_floating_point()]
-        return [channels_last_kernel(t, torch.float32) if t.dim() == 4 else t.float() for t in tensors]
+        placed = [channels_last_kernel(t, torch.float32) if t.dim() == 4 else t.float() for t in tensors]
+        return [new.clone() if new.data_ptr() == old.data_ptr() else new for new, old in zip(placed, tensors)]
 
     return run
 
