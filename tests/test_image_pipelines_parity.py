@@ -1,7 +1,7 @@
 """img2img, inpainting and x4 upscaling against diffusers' own pipelines, on small random-weight models.
 
 The models (the tiny configs, widened to 128 channels) are written as original-format checkpoints and
-converted for diffusers by its own single-file conversion functions (shared/reference/diffusers-offline.md);
+converted for diffusers by its own single-file conversion functions (as the project's notes on diffusers as an offline reference record);
 DDIM is configured as the originals run it.
 Both sides get the same text embeddings (ours; the encoders are compared elsewhere) and the same seeded
 CPU generator, so the comparison covers the conditioning layout, the random draws and their order, the

@@ -1,7 +1,7 @@
 """Full-size UNet and VAE, random weights: our outputs match diffusers' to 1e-4 relative error in fp32.
 
 diffusers, fed the original checkpoint keys through its own conversion functions, is known to match the
-original CompVis / Stability code to about 2e-6 (shared/reference/diffusers-offline.md), so matching it
+original CompVis / Stability code to about 2e-6 (as the project's notes on diffusers as an offline reference record), so matching it
 matches the originals. Its models are configured from the users' original YAML files, ours from our own
 configs: a drift between the two (a head count, say, which changes no shape) shows up here.
 

@@ -2,8 +2,8 @@
 
 The parity tests build the full-size towers with random weights (seeded) and compare, in fp32, with
 transformers' CLIPTextModel loaded through diffusers' own conversion of the original checkpoint keys;
-diffusers' conversion is known to match the original CompVis / Stability code (see
-shared/reference/diffusers-offline.md). No hub access.
+diffusers' conversion is known to match the original CompVis / Stability code (as the project's notes on
+diffusers as an offline reference record). No hub access.
 """
 
 import json
@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from conftest import reference_path  # noqa: E402
 from helpers import relative_error  # noqa: E402
 from ldm.modules.encoders.modules import (  # noqa: E402
     LEGACY_POSITION_IDS_KEY,
@@ -25,7 +26,6 @@ from ldm.modules.encoders.modules import (  # noqa: E402
 )
 from ldm.modules.encoders.tokenizer import SD1_PAD_TOKEN, SD2_PAD_TOKEN, tokenize  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
     "",
@@ -34,17 +34,8 @@ PROMPTS = [
 MAX_RELATIVE_ERROR = 1e-4
 
 
-def reference_path(*parts: str) -> str:
-    """A file of shared/reference/, beside the checkout (as in CI) or inside it; skips if absent."""
-    for shared in (os.path.join(HERE, os.pardir, os.pardir, "shared"), os.path.join(HERE, os.pardir, "shared")):
-        path = os.path.join(shared, "reference", *parts)
-        if os.path.exists(path):
-            return path
-    pytest.skip(f"shared/reference/{'/'.join(parts)} not found")
-
-
 def reference_keys(layout: str, prefix: str = "cond_stage_model.") -> dict[str, tuple[list[int], str]]:
-    """{key without prefix: (shape, kind)} from shared/reference/keys/<layout>.tsv."""
+    """{key without prefix: (shape, kind)} from tests/data/keys/<layout>.tsv."""
     path = reference_path("keys", f"{layout}.tsv")
     keys = {}
     with open(path, encoding="utf-8") as f:

@@ -1,11 +1,11 @@
 """Our CLIP tokenizer against reference ids produced by the tokenizers SD 1.x and SD 2.x use."""
 
 import json
-import os
 
 import pytest
 import torch
 
+from conftest import reference_path
 from ldm.modules.encoders.tokenizer import (
     END_TOKEN,
     SD1_PAD_TOKEN,
@@ -16,17 +16,8 @@ from ldm.modules.encoders.tokenizer import (
     tokenize,
 )
 
-REFERENCE_TOKENS = os.path.join(
-    os.path.dirname(__file__), os.pardir, os.pardir, "shared", "reference", "tokens.json"
-)
-if not os.path.exists(REFERENCE_TOKENS):  # a checkout with shared/ inside it
-    REFERENCE_TOKENS = os.path.join(os.path.dirname(__file__), os.pardir, "shared", "reference", "tokens.json")
-
-
 def reference_prompts():
-    if not os.path.exists(REFERENCE_TOKENS):
-        pytest.skip("shared/reference/tokens.json not found")
-    with open(REFERENCE_TOKENS, encoding="utf-8") as f:
+    with open(reference_path("tokens.json"), encoding="utf-8") as f:
         return json.load(f)["prompts"]
 
 
