@@ -1,3 +1,4 @@
+import os
 import signal
 import sys
 
@@ -17,7 +18,9 @@ def exit_quietly_on_ctrl_c(line: str = "interrupted by Ctrl-C while starting: no
     and from then on handles Ctrl-C itself.
     """
     def exit_quietly(signum, frame):
-        print(line, file=sys.stderr)
-        sys.exit(130)
+        print(line, file=sys.stderr, flush=True)
+        # Not sys.exit: some libraries guard optional imports with a bare except, which would swallow
+        # SystemExit and let the script run on. Nothing has been written yet, so nothing is lost.
+        os._exit(130)
 
     signal.signal(signal.SIGINT, exit_quietly)

@@ -7,6 +7,8 @@ The originals' img2img, kept where it defines the pictures:
   noise, then the noise that diffuses it (DDIM's stochastic encode), then any sampler noise.
 - DDIM and PLMS noise the latent to DDIM timestep index t_enc but start denoising one index lower, as
   the originals do (see `noised_start_timestep`).
+The k-diffusion samplers (Euler, DPM++ 2M, ...) start as A1111's img2img: at index steps - t_enc - 1 of their
+sigma grid (t_enc + 1 steps), from init_latent + noise · sigma there.
 Where ours goes further: strength 0 returns the init latent decoded (no steps; the originals noise it to
 t = 1 first), strength 1 starts from pure noise, as txt2img does, without drawing or even encoding the
 init latent (the originals crash there), and every sampler can be used.
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm.generate.run import BatchInputs, Start, Task
+from ldm.models.diffusion import samplers
 from ldm.models.diffusion.sampling import Schedule, first_timestep, noise_to_step
 
 
@@ -81,6 +84,11 @@ def start_from_image(batch: BatchInputs, init: InitImage, schedule: Schedule, st
     if t_enc == 0:
         return NoisedStart(init_latent, job.steps, init_latent, None)
     start_noise = batch.noise.randn(batch.latent_shape).to(device)
+    if samplers.REGISTRY[job.sampler].is_k_sampler and t_enc < job.steps:
+        skip_steps = samplers.k_img2img_skip_steps(job.steps, t_enc)
+        latents = samplers.k_noised_start(job.sampler, job.schedule, schedule.alphas_cumprod, job.steps, skip_steps,
+                                          init_latent, start_noise)
+        return NoisedStart(latents, skip_steps, init_latent, start_noise)
     level = noised_start_timestep(job.sampler, schedule, job.steps, t_enc)
     latents = start_noise if level is None else noise_to_step(schedule, init_latent, level, start_noise)
     return NoisedStart(latents, job.steps - t_enc, init_latent, start_noise)

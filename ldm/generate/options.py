@@ -12,8 +12,9 @@ from ldm.generate import images, loading, memory
 from ldm.generate.errors import UserError
 from ldm.generate.output import OutputFolder, SaveFailed
 from ldm.generate.prompts import MAX_IMAGES, prompt_batches
+from ldm.generate.rng import RNG_SOURCES
 from ldm.generate.run import Job
-from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.models.diffusion import samplers
 from ldm.placement import PRECISIONS, resolve_dtype
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -56,7 +57,12 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
                        help="a text file, one prompt a line (blank lines skipped), in batches of --n_samples")
     group.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this many times")
     group.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=steps, help="sampling steps")
-    group.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddim (default), plms or dpm")
+    group.add_argument("--sampler", default=None,
+                       help=f"the sampler, any case: {samplers.sampler_choices()}; keys such as euler_a or dpmpp_2m, "
+                            "and A1111's names with a schedule such as \"DPM++ 2M Karras\", too (default DDIM)")
+    group.add_argument("--schedule", default="automatic",
+                       help=f"the k-samplers' sigma schedule (A1111's Schedule type), any case: "
+                            f"{', '.join(samplers.SCHEDULE_NAMES)}; automatic = the sampler's own default")
     group.add_argument("--plms", action="append_const", const="plms", dest="sampler_flags", help="PLMS sampler")
     group.add_argument("--dpm_solver", "--dpm", action="append_const", const="dpm", dest="sampler_flags",
                        help="DPM-Solver++ (2M) sampler")
@@ -66,6 +72,10 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
     group.add_argument("--n_iter", type=int, default=n_iter, help="batches per prompt")
     group.add_argument("--seed", type=int, default=42,
                        help="seeds one CPU generator, 0..2^64-1: the same images on every device")
+    group.add_argument("--rng", type=str.lower, choices=RNG_SOURCES, default="cpu",
+                       help="where the seed's random numbers come from (A1111's RNG setting, any case): cpu = "
+                            "torch's CPU generator; nv = the numbers torch.randn gives on an NVIDIA GPU, computed "
+                            "on the CPU: a seed shared from an NVIDIA card (A1111's GPU or NV) makes its noise")
     group.add_argument("--fixed_code", action="store_true", help="one start noise shared by every batch")
 
 
@@ -79,13 +89,36 @@ def add_output_arguments(parser, outdir):
 
 
 def chosen_sampler(args) -> str:
+    """The registry key of the sampler asked for (--sampler, --plms, --dpm_solver); default DDIM."""
+    return chosen_sampler_and_schedule(args)[0]
+
+
+def chosen_sampler_and_schedule(args) -> tuple[str, str]:
+    """(registry key, schedule) from --sampler, the old flags and --schedule, checked against each other."""
     flags = list(dict.fromkeys(args.sampler_flags or []))  # each flag once, in the order given
     if len(flags) > 1:
         raise UserError(f"{SAMPLER_FLAGS[flags[0]]} and {SAMPLER_FLAGS[flags[1]]} ask for two samplers: give one of them")
     flag = flags[0] if flags else None
-    if args.sampler and flag and args.sampler != flag:
-        raise UserError(f"--sampler {args.sampler} contradicts {SAMPLER_FLAGS[flag]}: give one of them")
-    return args.sampler or flag or "ddim"
+    sampler, named_schedule = flag or "ddim", None
+    if args.sampler:
+        try:
+            sampler, named_schedule = samplers.resolve_sampler(args.sampler)
+        except ValueError as error:
+            raise UserError(f"--sampler: {error}") from None
+        if flag and sampler != flag:
+            raise UserError(f"--sampler {args.sampler} contradicts {SAMPLER_FLAGS[flag]}: give one of them")
+    schedule = getattr(args, "schedule", "automatic") or "automatic"
+    try:
+        schedule = samplers.resolve_schedule(schedule)
+    except ValueError as error:
+        raise UserError(f"--schedule: {error}") from None
+    if named_schedule and schedule not in ("automatic", named_schedule):
+        raise UserError(f"--sampler {args.sampler!r} names the {named_schedule} schedule, --schedule {schedule} "
+                        "another: give one of them")
+    if schedule != "automatic" and not samplers.REGISTRY[sampler].is_k_sampler:
+        raise UserError(f"--schedule applies to the k-diffusion samplers; {samplers.REGISTRY[sampler].display_name} "
+                        "walks its own timesteps: drop --schedule or pick a sampler such as \"DPM++ 2M\"")
+    return sampler, named_schedule or schedule
 
 
 def check_sampling_arguments(args):
@@ -105,7 +138,8 @@ def check_sampling_arguments(args):
             raise UserError(f"{flag} must be a finite number (got {value})")
     if args.ddim_eta < 0:
         raise UserError(f"--ddim_eta must be 0 or more (got {args.ddim_eta})")
-    if args.ddim_eta and chosen_sampler(args) != "ddim":
+    sampler, _ = chosen_sampler_and_schedule(args)
+    if args.ddim_eta and sampler != "ddim":
         raise UserError(f"--ddim_eta applies to the DDIM sampler only; drop it or use --sampler ddim")
     if args.n_rows < 0:
         raise UserError(f"--n_rows must be 0 (one row per batch) or more (got {args.n_rows})")
@@ -167,8 +201,9 @@ def job_from_args(args, sampler: str, batches: list, height: int, width: int) ->
     """The shared run settings from the shared options; height and width are the output's size."""
     return Job(
         batches=batches, negative_prompt=args.negative_prompt, n_iter=args.n_iter, steps=args.ddim_steps,
-        sampler=sampler, scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
-        fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid, watermark=not args.no_watermark,
+        sampler=sampler, schedule=chosen_sampler_and_schedule(args)[1], scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
+        rng=args.rng, fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid,
+        watermark=not args.no_watermark,
     )
 
 

@@ -20,10 +20,11 @@ from ldm.generate.errors import Interrupted
 from ldm.generate.output import OutputFolder, SaveFailed, Watermarker, infotext, make_grid, to_uint8_images
 from ldm.generate.progress import StopFlag, progress_bar, step_callback
 from ldm.generate.prompts import truncation_warnings
-from ldm.models.diffusion.sampling import GuidedDenoiser, sample
+from ldm.generate.rng import RNG_INFOTEXT_NAMES, noise_source
+from ldm.models.diffusion.samplers import infotext_fields, sample
+from ldm.models.diffusion.sampling import GuidedDenoiser
 from ldm.models.tiling import DECODE_TILED_ABOVE_PIXELS, TILE_PIXELS, decode_tiled, needs_tiling
 
-SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM++ 2M"}  # as AUTOMATIC1111 users read them
 VERSION = "ldm 0.1.0"
 
 
@@ -34,12 +35,14 @@ class Job:
     negative_prompt: str = ""
     n_iter: int = 1
     steps: int = 50
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # a key of ldm.models.diffusion.samplers.REGISTRY
+    schedule: str = "automatic"  # the k-samplers' sigma schedule (samplers.SCHEDULE_NAMES)
     scale: float = 7.5
     eta: float = 0.0
     height: int = 512
     width: int = 512
     seed: int = 42
+    rng: str = "cpu"  # where the seed's numbers come from: "cpu" or "nv" (ldm.generate.rng)
     fixed_code: bool = False
     n_rows: int = 0
     save_grid: bool = True
@@ -56,15 +59,19 @@ class RunReport:
 
 
 class SeededNoise:
-    """The run's random numbers: one CPU generator, seeded once, the same numbers on every device.
+    """The run's random numbers: one source (`rng`: torch's CPU generator, or CUDA's numbers computed on the
+    CPU, see ldm.generate.rng), seeded once, the same numbers on every device.
 
     With fixed_code, the draws of the first batch are recorded and every later batch gets the same ones
     (cut to its size; the first batch is the largest), so "one start noise shared by every batch" holds
-    for img2img's and the upscaler's draws too. Sampler noise (DDIM eta) comes from `generator` directly.
+    for img2img's and the upscaler's draws too. Sampler noise (DDIM eta) comes from `source` directly,
+    after the batch's start noise, never replayed. `generator` is the CPU source's torch.Generator (None
+    for nv).
     """
 
-    def __init__(self, seed: int, fixed: bool = False):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, fixed: bool = False, rng: str = "cpu"):
+        self.source = noise_source(rng, seed)
+        self.generator = self.source.generator
         self.fixed = fixed
         self._recorded, self._replaying, self._index = [], False, 0
 
@@ -77,7 +84,7 @@ class SeededNoise:
             recorded = self._recorded[self._index]
             self._index += 1
             return recorded[:shape[0]]
-        noise = torch.randn(list(shape), generator=self.generator)
+        noise = self.source.randn(shape)
         if self.fixed:
             self._recorded.append(noise)
         return noise
@@ -190,7 +197,7 @@ class _Run:
 
     def __init__(self, job, task, loaded, folder, log, stop):
         self.job, self.task, self.loaded, self.folder, self.log, self.stop = job, task, loaded, folder, log, stop
-        self.noise = SeededNoise(job.seed, job.fixed_code)
+        self.noise = SeededNoise(job.seed, job.fixed_code, job.rng)
         self.condition = Conditioner(loaded, log)
         self.watermark = Watermarker(loaded.watermark_text if job.watermark else None)
         self.report, self.grid_images, self.tiling_announced = RunReport(), [], False
@@ -232,8 +239,8 @@ class _Run:
                                       device=self.loaded.device)
             with progress_bar(job.steps - start.skip_steps, f"batch {number}/{self.total_batches}") as bar:
                 latents = sample(job.sampler, denoiser, latents, job.steps, skip_steps=start.skip_steps, eta=job.eta,
-                                 generator=self.noise.generator, callback=step_callback(bar, self.stop),
-                                 blend=start.blend)
+                                 schedule=job.schedule, noise_source=self.noise.source,
+                                 callback=step_callback(bar, self.stop), blend=start.blend)
         if start.finish_latents is not None:
             latents = start.finish_latents(latents)
         if needs_tiling(latents.shape, self.loaded.downsampling_factor) and not self.tiling_announced:
@@ -272,7 +279,7 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
     """The A1111 `key: value` fields, in their order."""
     fields = {
         "Steps": job.steps,
-        "Sampler": SAMPLER_NAMES.get(job.sampler, job.sampler),
+        **infotext_fields(job.sampler, job.schedule),
         "CFG scale": job.scale,
         "Seed": job.seed,
         "Size": f"{job.width}x{job.height}",
@@ -284,6 +291,8 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
         fields["Eta"] = job.eta
     fields["Batch size"] = batch_size
     fields["Batch pos"] = position
+    if job.rng != "cpu":  # A1111 writes the field only when it is not the default (ours is cpu)
+        fields["RNG"] = RNG_INFOTEXT_NAMES[job.rng]
     fields["Version"] = VERSION
     return fields
 

@@ -1,5 +1,8 @@
 """Samplers for the reverse diffusion (DDIM, PLMS, DPM-Solver++) as short functions over a denoiser.
 
+These are the originals' samplers; every sampler by name, the k-diffusion family included, is in the
+registry of ldm.models.diffusion.samplers, whose `sample` the scripts call.
+
 A *denoiser* is any callable `(x, t) -> (eps, x0)` with a `.schedule` (a `Schedule`): given the noisy
 latent x at model timestep t it predicts the noise and the clean latent. `GuidedDenoiser` makes one from
 a LatentDiffusion model and its conditioning, classifier-free guidance included, so the samplers never
@@ -121,8 +124,14 @@ class GuidedDenoiser:
         both = _concat_conditioning(uncond, cond) if self.guided else cond
         self.cond = _cast_conditioning(both, self.dtype)
 
-    @torch.no_grad()
     def __call__(self, x, t):
+        x = x.float()
+        output, _ = self.model_output(x, t)
+        return self.eps_and_x0(x, output, float(t))
+
+    @torch.no_grad()
+    def model_output(self, x, t):
+        """(the guided raw output, eps or v or x0; the parameterisation), for wrappers with their own scalings."""
         t = float(t)
         x = x.float()
         model_input = torch.cat([x, x]) if self.guided else x
@@ -133,7 +142,7 @@ class GuidedDenoiser:
         if self.guided:
             uncond_output, cond_output = output.chunk(2)
             output = uncond_output + self.scale * (cond_output - uncond_output)
-        return self.eps_and_x0(x, output, t)
+        return output, self.parameterization
 
     def eps_and_x0(self, x, output, t):
         """(eps, x0) from the model's raw output at timestep t, for its parameterisation."""
@@ -164,12 +173,13 @@ def _ddim_step(x0, eps, alpha_prev, sigma=0.0, noise=None):
     return x_prev if noise is None else x_prev + sigma * noise
 
 
-def sample_ddim(denoiser, x, timesteps, eta=0.0, generator=None, callback=None, blend=None):
+def sample_ddim(denoiser, x, timesteps, eta=0.0, generator=None, callback=None, blend=None, noise_source=None):
     """The original p_sample_ddim over ascending `timesteps`, walked from the last; the last step goes to acp[0].
 
     With eta > 0 each step draws `torch.randn(x.shape, generator=generator)` (on the generator's device,
-    then moved to x's). Unlike the originals, nothing is drawn at eta = 0, where they draw per step and
-    multiply by zero: the image is the same, only the generator's later state differs.
+    then moved to x's), or `noise_source.randn(x.shape)` when a noise source (ldm.generate.rng) is given.
+    Unlike the originals, nothing is drawn at eta = 0, where they draw per step and multiply by zero: the
+    image is the same, only the generator's later state differs.
     """
     acp = denoiser.schedule.alphas_cumprod
     total = len(timesteps)
@@ -180,7 +190,9 @@ def sample_ddim(denoiser, x, timesteps, eta=0.0, generator=None, callback=None, 
         eps, x0 = denoiser(x, t)
         noise = None
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        if eta > 0:
+        if eta > 0 and noise_source is not None:
+            noise = noise_source.randn(x.shape).to(x.device, x.dtype)
+        elif eta > 0:
             noise_device = generator.device if generator is not None else "cpu"
             noise = torch.randn(x.shape, generator=generator, device=noise_device).to(x.device, x.dtype)
         x = _ddim_step(x0, eps, a_prev, sigma, noise)
@@ -275,7 +287,8 @@ def first_timestep(sampler, schedule, steps, skip_steps=0):
     return int(_remaining_ddim_timesteps(schedule, steps, skip_steps)[-1])
 
 
-def sample(sampler, denoiser, x, steps, *, skip_steps=0, eta=0.0, generator=None, callback=None, blend=None):
+def sample(sampler, denoiser, x, steps, *, skip_steps=0, eta=0.0, generator=None, callback=None, blend=None,
+           noise_source=None):
     """Run `sampler` ("ddim", "plms" or "dpm") for `steps` steps, the first `skip_steps` of them skipped.
 
     With skip_steps (img2img), x must already be noised to `first_timestep(...)`. DDIM and PLMS then walk
@@ -296,5 +309,5 @@ def sample(sampler, denoiser, x, steps, *, skip_steps=0, eta=0.0, generator=None
         return sample_dpm_solver(denoiser, x, steps - skip_steps, t_start=t_start, **hooks)
     timesteps = _remaining_ddim_timesteps(denoiser.schedule, steps, skip_steps)
     if sampler == "ddim":
-        return sample_ddim(denoiser, x, timesteps, eta=eta, generator=generator, **hooks)
+        return sample_ddim(denoiser, x, timesteps, eta=eta, generator=generator, noise_source=noise_source, **hooks)
     return sample_plms(denoiser, x, timesteps, **hooks)
