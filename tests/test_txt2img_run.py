@@ -3,13 +3,13 @@ import torch
 
 from ldm.generate.output import OutputFolder
 from ldm.generate.txt2img import Txt2ImgJob, run_txt2img
-from ldm.models.diffusion import sampling
+from ldm.models.diffusion import samplers
 from helpers import loaded_tiny
 
 
 def test_seed_means_one_cpu_generator_drawing_start_noise_per_batch(tmp_path, monkeypatch):
     seen = []
-    real_sample = sampling.sample
+    real_sample = samplers.sample  # what the run calls
 
     def spy(name, denoiser, x, steps, **kwargs):
         seen.append(x.clone())
