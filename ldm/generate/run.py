@@ -65,13 +65,11 @@ class SeededNoise:
     With fixed_code, the draws of the first batch are recorded and every later batch gets the same ones
     (cut to its size; the first batch is the largest), so "one start noise shared by every batch" holds
     for img2img's and the upscaler's draws too. Sampler noise (DDIM eta) comes from `source` directly,
-    after the batch's start noise, never replayed. `generator` is the CPU source's torch.Generator (None
-    for nv).
+    after the batch's start noise, never replayed.
     """
 
     def __init__(self, seed: int, fixed: bool = False, rng: str = "cpu"):
         self.source = noise_source(rng, seed)
-        self.generator = self.source.generator
         self.fixed = fixed
         self._recorded, self._replaying, self._index = [], False, 0
 
