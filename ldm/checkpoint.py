@@ -311,7 +311,7 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
 
 
 def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=False, log=print, customize=None,
-               low_memory=False, trust_config=False):
+               low_memory=False, trust_config=False, vae=None):
     """Build the model from its YAML (found from the keys when not given) and load the checkpoint into it.
 
     customize: None, or a callable (state_dict, config) -> (state_dict, constructor overrides), called once
@@ -321,6 +321,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     time (the result's `components`; otherwise every weight is converted now, none left a view of the file).
     trust_config: let the config's targets name any class or callable (ldm.util.trusted_configs); by default
     only this project's classes are built, from the config given, the one beside the checkpoint or a shipped one.
+    vae: None, or an ldm.vae_file.VaeFile whose weights replace the checkpoint's autoencoder (--vae).
     Returns a LoadResult: the model in eval mode, the OmegaConf config actually used, the file as loaded.
     """
     state_dict, _ = read_checkpoint(ckpt_path)  # the metadata is not used: no config is read from a checkpoint
@@ -344,6 +345,8 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
                 model = instantiate_from_config(config.model, **overrides)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
+    if vae is not None:
+        state_dict = vae.replace_in(state_dict, model.first_stage_model)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema,
                                       release_pages=low_memory)  # else placing them reads them again now
     dtype = dtype or resolve_dtype("autocast", device)

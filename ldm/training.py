@@ -37,7 +37,9 @@ from ldm.checkpoint import CheckpointError, read_checkpoint
 from ldm.generate.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.sampling import GuidedDenoiser, placement_of, sample
+from ldm.generate.rng import CpuRandom
+from ldm.models.diffusion.samplers import sample
+from ldm.models.diffusion.sampling import GuidedDenoiser, placement_of
 from ldm.util import (ConfigError, check_config_targets, count_params, instantiate_from_config, read_config,
                       trusted_configs)
 
@@ -152,15 +154,21 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, captions=None):
 
 
 @torch.no_grad()
-def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0, sampler="ddim"):
-    """Text-to-image with the shared samplers and classifier-free guidance; BCHW in [-1, 1]."""
-    cond = model.get_learned_conditioning(list(prompts))
-    uncond = model.get_learned_conditioning([""] * len(prompts)) if guidance_scale != 1.0 else None
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0, sampler="ddim",
+                  schedule="automatic", encode=None):
+    """Text-to-image with any registered sampler (ldm.models.diffusion.samplers) and schedule, and
+    classifier-free guidance; BCHW in [-1, 1]. One CPU generator seeded with `seed` gives the start noise,
+    then the sampler's own noise (ancestral steps, DDIM's `eta`). encode: prompts -> conditioning (default: the
+    model's own; the generation scripts' Conditioner for textual-inversion embeddings)."""
+    encode = encode or model.get_learned_conditioning
+    cond = encode(list(prompts))
+    uncond = encode([""] * len(prompts)) if guidance_scale != 1.0 else None
+    noise = CpuRandom(seed)
     shape = (len(prompts), model.channels, model.image_size, model.image_size)
-    x = torch.randn(shape, generator=generator).to(cond.device, cond.dtype)
+    x = noise.randn(shape).to(cond.device, cond.dtype)
     denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale, **placement_of(model))
-    return model.decode_first_stage(sample(sampler, denoiser, x, steps, eta=eta, generator=generator))
+    latents = sample(sampler, denoiser, x, steps, schedule=schedule, eta=eta, noise_source=noise)
+    return model.decode_first_stage(latents)
 
 
 class SampleGridLogger(pl.Callback):
@@ -383,6 +391,9 @@ def train(options):
     is created. --trust_config lets the configs build any class, here and in the constructors they reach.
     """
     with trusted_configs(options.trust_config):
+        if any(getattr(options, name, None) is not None for name in ("lora_rank", "embedding", "base_ckpt")):
+            from ldm.lora_training import train_adapter
+            return train_adapter(options)
         return _train(options)
 
 

@@ -13,7 +13,7 @@ from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
-from ldm.generate import images, loading, options  # noqa: E402
+from ldm.generate import images, infotext, loading, options  # noqa: E402
 from ldm.generate.depth2img import DepthToImage, depth_source, load_depth_map, padded_size  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402
 
@@ -30,7 +30,7 @@ def parse_args(argv=None):
                             "checkpoint saved without its depth_model.* tensors")
     options.add_output_arguments(parser, "outputs/depth2img-samples")
     options.add_model_arguments(parser)
-    return parser.parse_args(argv)
+    return infotext.parse_args_with_png(parser, argv)
 
 
 def main(argv=None):

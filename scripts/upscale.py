@@ -8,7 +8,7 @@ from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
-from ldm.generate import images, loading, options  # noqa: E402
+from ldm.generate import images, infotext, loading, options  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402
 from ldm.generate.upscale import DEFAULT_NOISE_LEVEL, Upscaling, check_noise_level  # noqa: E402
 
@@ -21,7 +21,7 @@ def parse_args(argv=None):
                        help="noise added to the input, 0..350: higher invents more detail and follows the input less")
     options.add_output_arguments(parser, "outputs/upscaling-samples")
     options.add_model_arguments(parser)
-    return parser.parse_args(argv)
+    return infotext.parse_args_with_png(parser, argv)
 
 
 def main(argv=None):

@@ -63,7 +63,7 @@ def assert_one_line(status, stderr, expected):
 
 BAD_SAMPLING = [
     (["--seed", 2 ** 64], "--seed 18446744073709551616 is outside 0..18446744073709551615"),
-    (["--seed", -1], "--seed -1 is outside 0..18446744073709551615"),
+    (["--seed", -2], "--seed -2 is outside 0..18446744073709551615 (or -1 for a random one)"),  # -1: random (A1111)
     (["--ddim_steps", 100000], "--ddim_steps 100000 is more than the 1000 timesteps"),
     (["--ddim_steps", 0], "--ddim_steps must be at least 1"),
     (["--scale", "nan"], "--scale must be a finite number (got nan)"),
@@ -76,6 +76,7 @@ BAD_SAMPLING = [
     (["--n_iter", 10 ** 6], "--n_iter 1000000 asks for more than the 100000 images"),
     (["--n_iter", 1000, "--n_samples", 1000], "is 1000000 images, more than the 100000"),
     (["--n_rows", -1], "--n_rows must be 0"),
+    (["--clip_skip", 0], "--clip_skip must be at least 1 (1 = the last layer; got 0)"),
     (["--H", 0], "--H 0 is not a positive multiple of 8: use 8 or more"),
     (["--H", -8], "--H -8 is not a positive multiple of 8: use 8 or more"),
     (["--W", 100], "--W 100 is not a positive multiple of 8: use 96 or 104"),

@@ -151,7 +151,7 @@ def loaded_tiny_depth():
 
 def depth_run(loaded, tmp_path, depth_map, name):
     pixels = torch.rand(1, 3, 50, 70, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    job = Job(batches=[["a room"]], steps=4, scale=3.0, height=128, width=128, seed=1, save_grid=False, watermark=False)
+    job = Job(batches=[["a room"]], steps=4, scale=3.0, height=128, width=128, seed=1, seed_mode="batch", save_grid=False, watermark=False)
     report = run(job, DepthToImage(pixels, 0.75, depth_map), loaded, OutputFolder(tmp_path / name), log=lambda _: None)
     (path,) = report.saved
     return np.asarray(Image.open(path))
@@ -204,7 +204,8 @@ def test_depth_map_run_writes_numbered_pngs_with_metadata(checkpoints, inputs, t
     assert lines[:2] == ["a quiet room", "Negative prompt: blurry"]
     fields = dict(item.split(": ", 1) for item in lines[2].split(", "))
     assert fields["Steps"] == "3" and fields["Sampler"] == "DDIM" and fields["CFG scale"] == "9.0"
-    assert fields["Seed"] == "5" and fields["Size"] == "70x50" and fields["Model"] == "tiny-depth"
+    # the second image of the batch: seed + 1, its own seed (A1111's convention)
+    assert fields["Seed"] == "6" and fields["Size"] == "70x50" and fields["Model"] == "tiny-depth"
     assert fields["Denoising strength"] == "0.9" and fields["Depth"] == "map"
 
 

@@ -77,7 +77,7 @@ def our_final_latents(loaded, task, height, width, tmp_path, monkeypatch):
     real_decode = run_module.decode
     monkeypatch.setattr(run_module, "decode", lambda loaded_, latents, *rest: captured.append(latents.clone())
                         or real_decode(loaded_, latents, *rest))
-    job = Job(batches=[[PROMPT]], steps=STEPS, scale=SCALE, height=height, width=width, seed=SEED,
+    job = Job(batches=[[PROMPT]], steps=STEPS, scale=SCALE, height=height, width=width, seed=SEED, seed_mode="batch",
               save_grid=False, watermark=False)
     run(job, task, loaded, OutputFolder(tmp_path / "out"), log=lambda _: None)
     return captured[0]

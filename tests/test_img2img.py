@@ -41,7 +41,7 @@ def final_latents(loaded, task, tmp_path, monkeypatch, steps=STEPS, **job_settin
     monkeypatch.setattr(run_module, "decode", decode_spy)
     monkeypatch.setattr(run_module, "sample", sample_spy)
     settings = {"batches": [["a blue circle"]], "steps": steps, "scale": 5.0, "height": SIZE, "width": SIZE,
-                "seed": SEED, "save_grid": False, "watermark": False, **job_settings}
+                "seed": SEED, "seed_mode": "batch", "save_grid": False, "watermark": False, **job_settings}
     run(Job(**settings), task, loaded, OutputFolder(tmp_path / "out"), log=lambda _: None)
     return decoded, sampled
 

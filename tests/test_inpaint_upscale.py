@@ -55,7 +55,7 @@ def generate(loaded, task, tmp_path, monkeypatch, height=SIZE, width=SIZE, **set
     real_decode = run_module.decode
     monkeypatch.setattr(run_module, "decode", lambda loaded_, latents, *rest: decoded.append(latents.clone())
                         or real_decode(loaded_, latents, *rest))
-    job = Job(batches=[["a green square"]], steps=4, scale=3.0, height=height, width=width, seed=5,
+    job = Job(batches=[["a green square"]], steps=4, scale=3.0, height=height, width=width, seed=5, seed_mode="batch",
               save_grid=False, watermark=False, **settings)
     report = run(job, task, loaded, OutputFolder(tmp_path), log=lambda _: None)
     from PIL import Image

@@ -4,6 +4,7 @@ k-diffusion's package __init__ imports torchvision and friends; only its samplin
 needed, so they are loaded by path, with the modules they import but these tests never reach stood in for.
 """
 import importlib.util
+import inspect
 import sys
 import types
 
@@ -19,6 +20,8 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule
 from tiny_model import tiny_model as build_tiny_model
 
 K_SAMPLERS = [key for key, info in samplers.REGISTRY.items() if info.is_k_sampler]
+NOT_IN_K_DIFFUSION = {"lcm"}  # A1111's own sample_lcm (sd_samplers_lcm.py): test_more_samplers checks its rule
+K_DIFFUSION_SAMPLERS = [key for key in K_SAMPLERS if key not in NOT_IN_K_DIFFUSION]
 SD_ALPHAS_CUMPROD = np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))
 
 
@@ -118,11 +121,17 @@ def run_ours(name, model, x, sigmas, seed=5):
 def run_theirs(kd_sampling, name, model, x, sigmas, seed=5, **extra):
     function = getattr(kd_sampling, samplers.REGISTRY[name].function.__name__)
     options = {"noise_sampler": k_noise_sampler(seed, x.shape)} if samplers.REGISTRY[name].stochastic else {}
+    parameters = inspect.signature(function).parameters
+    if "sigma_min" in parameters:  # DPM fast / adaptive: the grid's ends and length, and eta, as A1111 hands them
+        options.update(sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), eta=1.0)
+        if "n" in parameters:
+            options["n"] = len(sigmas) - 1
+        return function(model, x, disable=True, **options, **extra)
     return function(model, x, sigmas, disable=True, **options, **extra)
 
 
 # --- parity with k-diffusion -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", K_SAMPLERS)
+@pytest.mark.parametrize("name", K_DIFFUSION_SAMPLERS)
 def test_each_k_sampler_equals_k_diffusion_on_an_analytic_denoiser(kdiffusion, name):
     denoiser = GaussianVEDenoiser()
     sigmas = karras_grid(12)
@@ -137,7 +146,7 @@ def tiny():
     return build_tiny_model()
 
 
-@pytest.mark.parametrize("name", K_SAMPLERS)
+@pytest.mark.parametrize("name", K_DIFFUSION_SAMPLERS)
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_each_k_sampler_equals_k_diffusion_on_the_tiny_model(kdiffusion, tiny, monkeypatch, name, parameterization):
     monkeypatch.setattr(tiny, "parameterization", parameterization)
@@ -153,7 +162,10 @@ def test_each_k_sampler_equals_k_diffusion_on_the_tiny_model(kdiffusion, tiny, m
         with torch.no_grad():
             theirs = run_theirs(kdiffusion[0], name, theirs_model, x * float(sigmas[0]), sigmas.float(),
                                 extra_args={"cond": cond})
-        assert relative_error(ours, theirs) < 1e-5, schedule
+        # an adaptive sampler's step sizes come from the small difference of two solutions, which magnifies the
+        # float32 rounding of the model's output (1e-6 here) about a hundredfold into where its steps land
+        tolerance = 1e-3 if samplers.REGISTRY[name].adaptive else 1e-5
+        assert relative_error(ours, theirs) < tolerance, schedule
 
 
 def test_uniform_schedule_and_timesteps_equal_compvis_denoisers(kdiffusion, tiny):
@@ -227,7 +239,11 @@ def test_every_sampler_keeps_the_shape_and_is_determined_by_its_seed(tiny, monke
     assert torch.equal(first, sample_with(name, tiny, x, cond))
     other_seed = sample_with(name, tiny, x, cond, seed=12)
     assert torch.equal(first, other_seed) != samplers.REGISTRY[name].stochastic
-    assert relative_error(first, sample_with(name, tiny, x, cond, steps=6)) > 1e-4
+    other_steps = sample_with(name, tiny, x, cond, steps=6)
+    if samplers.REGISTRY[name].adaptive:  # it picks its own steps over the model's range: the count changes nothing
+        assert torch.equal(first, other_steps)
+    else:
+        assert relative_error(first, other_steps) > 1e-4
 
 
 @pytest.mark.parametrize("name", list(samplers.REGISTRY))

@@ -16,7 +16,8 @@ def test_seed_means_one_cpu_generator_drawing_start_noise_per_batch(tmp_path, mo
         return real_sample(name, denoiser, x, steps, **kwargs)
 
     monkeypatch.setattr("ldm.generate.run.sample", spy)
-    job = Txt2ImgJob(batches=[["a"], ["b"]], n_iter=1, steps=2, height=64, width=48, seed=42, save_grid=False)
+    job = Txt2ImgJob(batches=[["a"], ["b"]], n_iter=1, steps=2, height=64, width=48, seed=42, seed_mode="batch",
+                     save_grid=False)
     run_txt2img(job, loaded_tiny(), OutputFolder(tmp_path), log=lambda _: None)
     generator = torch.Generator().manual_seed(42)
     assert torch.equal(seen[0], torch.randn([1, 4, 8, 6], generator=generator))

@@ -6,7 +6,7 @@ The originals' img2img, kept where it defines the pictures:
 - Random draws, from the run's one CPU generator, in the originals' order: the init latent's posterior
   noise, then the noise that diffuses it (DDIM's stochastic encode), then any sampler noise.
 - DDIM and PLMS noise the latent to DDIM timestep index t_enc but start denoising one index lower, as
-  the originals do (see `noised_start_timestep`).
+  the originals do (see `noised_start_timestep`); so does UniPC, as A1111 runs it.
 The k-diffusion samplers (Euler, DPM++ 2M, ...) start as A1111's img2img: at index steps - t_enc - 1 of their
 sigma grid (t_enc + 1 steps), from init_latent + noise · sigma there.
 Where ours goes further: strength 0 returns the init latent decoded (no steps; the originals noise it to
@@ -19,6 +19,7 @@ import torch
 
 from ldm.generate.run import BatchInputs, Start, Task
 from ldm.models.diffusion import samplers
+from ldm.models.diffusion.k_sampling import ModelSigmas
 from ldm.models.diffusion.sampling import Schedule, first_timestep, noise_to_step
 
 
@@ -33,7 +34,8 @@ def noised_start_timestep(sampler: str, schedule: Schedule, steps: int, t_enc: i
     DDIM and PLMS: the originals' ddim_timesteps[t_enc], one DDIM step above where denoising begins
     (ddim_timesteps[t_enc - 1], what `first_timestep` gives). That off-by-one is the originals' (noised
     to t = 701 for strength 0.75 and 10 steps, denoised from t = 601), kept so that the same seed gives
-    their pictures. DPM-Solver has no original img2img: it starts exactly at its first step's level.
+    their pictures. UniPC (ldm.models.diffusion.unipc) too: A1111 noises and starts it exactly so.
+    DPM-Solver has no original img2img: it starts exactly at its first step's level.
     At t_enc = steps there is no step above the first: the start is pure noise (strength 1).
     """
     if t_enc >= steps:
@@ -83,15 +85,26 @@ def start_from_image(batch: BatchInputs, init: InitImage, schedule: Schedule, st
     init_latent = init.sample(batch.noise, batch.size) if t_enc < job.steps or keep_init_latent else None
     if t_enc == 0:
         return NoisedStart(init_latent, job.steps, init_latent, None)
-    start_noise = batch.noise.randn(batch.latent_shape).to(device)
-    if samplers.REGISTRY[job.sampler].is_k_sampler and t_enc < job.steps:
-        skip_steps = samplers.k_img2img_skip_steps(job.steps, t_enc)
-        latents = samplers.k_noised_start(job.sampler, job.schedule, schedule.alphas_cumprod, job.steps, skip_steps,
-                                          init_latent, start_noise)
-        return NoisedStart(latents, skip_steps, init_latent, start_noise)
-    level = noised_start_timestep(job.sampler, schedule, job.steps, t_enc)
-    latents = start_noise if level is None else noise_to_step(schedule, init_latent, level, start_noise)
-    return NoisedStart(latents, job.steps - t_enc, init_latent, start_noise)
+    start_noise = batch.noise.start_noise(batch.latent_shape).to(device)
+    latents, skip_steps = noised_start(job.sampler, job.schedule, schedule, job.steps, t_enc, init_latent, start_noise)
+    return NoisedStart(latents, skip_steps, init_latent, start_noise)
+
+
+def noised_start(sampler: str, sigma_schedule: str, schedule: Schedule, steps: int, t_enc: int,
+                 init_latent: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the sampler's x at its first step, skip_steps): init_latent diffused with `noise` to where t_enc
+    denoising steps of `steps` begin (k-samplers: t_enc + 1 of them, as A1111), pure noise at t_enc = steps.
+    Shared by img2img and txt2img's hires fix."""
+    if samplers.REGISTRY[sampler].is_k_sampler and t_enc < steps:
+        skip_steps = samplers.k_img2img_skip_steps(steps, t_enc)
+        latents = samplers.k_noised_start(sampler, sigma_schedule, schedule.alphas_cumprod, steps, skip_steps,
+                                          init_latent, noise)
+        if skip_steps == 0:  # samplers.sample takes unit noise there and multiplies it by the first sigma itself
+            latents = latents / float(samplers.sigma_grid(sampler, sigma_schedule, steps,
+                                                          ModelSigmas(schedule.alphas_cumprod))[0])
+        return latents, skip_steps
+    level = noised_start_timestep(sampler, schedule, steps, t_enc)
+    return (noise if level is None else noise_to_step(schedule, init_latent, level, noise)), steps - t_enc
 
 
 def init_latent_needed(strength: float, steps: int) -> bool:

@@ -11,6 +11,8 @@ from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
 from ldm.placement import CheckpointChanged, CheckpointFile, OneComponentAtATime, libc, resolve_dtype
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
+from ldm.modules.embeddings import EmbeddingError, load_embeddings
+from ldm.vae_file import read_vae, resolve_vae
 
 SD1_DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 EMBEDDED_MODEL = REPO_ROOT / "models" / "ldm" / "shapes-ldm" / "model.ckpt"
@@ -100,7 +102,8 @@ def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
 @dataclass
 class LoadedModel:
     """The model of a run with what scripts need of it. checkpoint: the file as loaded (None for a model
-    built in memory); components: low-memory mode's converter of one component at a time (None otherwise)."""
+    built in memory); components: low-memory mode's converter of one component at a time (None otherwise);
+    vae_path: the VAE file whose weights replaced the checkpoint's autoencoder (None: the checkpoint's own)."""
     model: torch.nn.Module
     config: object
     ckpt_path: Path
@@ -111,6 +114,8 @@ class LoadedModel:
     native_size: int
     checkpoint: CheckpointFile | None = None
     components: OneComponentAtATime | None = None
+    vae_path: Path | None = None
+    embeddings: object = None  # ldm.modules.embeddings.EmbeddingDatabase: textual inversion, None for none
     _hash: str | None = field(default=None, init=False, repr=False)
 
     @property
@@ -130,6 +135,11 @@ class LoadedModel:
                     self.checkpoint.ensure_unchanged(at_path=True)
             self._hash = digest
         return self._hash
+
+    @property
+    def vae_hash(self) -> str | None:
+        """A1111's "VAE hash": as the Model hash, the first 10 hex digits of the VAE file's sha256."""
+        return model_hash(self.vae_path) if self.vae_path is not None else None
 
     @property
     def watermark_text(self) -> str | None:
@@ -178,8 +188,9 @@ def changed_file_as_user_error():
 
 
 def load(ckpt: str | None, config: str | None, device_name: str, precision: str, use_ema=False, log=print,
-         customize=None, low_memory=False, trust_config=False) -> LoadedModel:
-    """The model for a run; `customize`, `low_memory` and `trust_config` as in ldm.checkpoint.load_model."""
+         customize=None, low_memory=False, trust_config=False, vae: str | None = None) -> LoadedModel:
+    """The model for a run; `customize`, `low_memory` and `trust_config` as in ldm.checkpoint.load_model;
+    vae: --vae (a VAE file, or "none"); without it, a VAE file beside the checkpoint is used (as A1111)."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(precision, device)
     if device.type == "cpu":
@@ -189,21 +200,32 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
             log("warning: this CPU has no bf16 arithmetic (AVX-512 or AMX), so --precision bf16 runs 10-100x "
                 "slower than fp32 here: use --precision full")
     ckpt_path = resolve_checkpoint(ckpt, log)
+    vae_path = resolve_vae(vae, ckpt_path, log)
     try:
+        vae_file = read_vae(vae_path) if vae_path is not None else None
         with changed_file_as_user_error():
             result = load_model(ckpt_path, config, device=device, dtype=dtype, use_ema=use_ema, log=log,
-                                customize=customize, low_memory=low_memory, trust_config=trust_config)
+                                customize=customize, low_memory=low_memory, trust_config=trust_config, vae=vae_file)
     except CheckpointError as error:
         raise UserError(str(error)) from None
     model, factor = result.model, result.model.first_stage_model.downsampling_factor
     loaded = LoadedModel(model, result.config, ckpt_path, device, dtype, latent_channels=model.channels,
                          downsampling_factor=factor, native_size=model.image_size * factor,
-                         checkpoint=result.checkpoint, components=result.components)
+                         checkpoint=result.checkpoint, components=result.components, vae_path=vae_path)
+    if vae_path is not None:
+        log(f"VAE {vae_path.name} (hash {loaded.vae_hash}) replaces the checkpoint's autoencoder")
     loaded.hash  # now, while the file is the one loaded (cached by path, size and date: free after the first time)
     return loaded
 
 
 def load_from_args(args, log=print, customize=None) -> LoadedModel:
-    """The model a script's --ckpt, --config, --device, --precision, --use_ema, --lowmem and --trust_config ask for."""
-    return load(args.ckpt, args.config, args.device, args.precision, args.use_ema, log=log, customize=customize,
-                low_memory=args.lowmem, trust_config=args.trust_config)
+    """The model a script's --ckpt, --config, --device, --precision, --use_ema, --lowmem, --trust_config and
+    --vae ask for, with the embeddings of --embeddings_dir that fit it."""
+    loaded = load(args.ckpt, args.config, args.device, args.precision, args.use_ema, log=log, customize=customize,
+                  low_memory=args.lowmem, trust_config=args.trust_config, vae=args.vae)
+    try:
+        loaded.embeddings = load_embeddings(args.embeddings_dir, loaded.model.cond_stage_model, log=log,
+                                            skip_bad=args.skip_bad_embeddings)
+    except EmbeddingError as error:
+        raise UserError(str(error)) from None
+    return loaded

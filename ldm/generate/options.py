@@ -8,13 +8,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.generate import images, loading, memory
+from ldm.generate import images, infotext, loading, memory
 from ldm.generate.errors import UserError
+from ldm.modules.prompt_encoding import EMPHASIS_MODES
+from ldm.generate.extra_networks import DEFAULT_LORA_DIR, PromptNetworks
 from ldm.generate.output import OutputFolder, SaveFailed
 from ldm.generate.prompts import MAX_IMAGES, prompt_batches
-from ldm.generate.rng import RNG_SOURCES
+from ldm.generate.rng import RANDOM_SEED, RNG_SOURCES, SEED_MODES
 from ldm.generate.run import Job
 from ldm.models.diffusion import samplers
+from ldm.models.diffusion.sampler_options import SamplerOptions
 from ldm.placement import PRECISIONS, resolve_dtype
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -41,6 +44,16 @@ def add_model_arguments(parser, default_config=None):
                        help="full = fp32; autocast = fp16 on CUDA, fp32 on a CPU; bf16 on either")
     group.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
     group.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
+    group.add_argument("--vae", default=None, metavar="PATH",
+                       help="replace the checkpoint's autoencoder by this VAE file (.pt, .ckpt or .safetensors, e.g. "
+                            "vae-ft-mse-840000-ema-pruned); default: <ckpt>.vae.pt/.vae.ckpt/.vae.safetensors beside "
+                            "the checkpoint when there is one (as A1111); none = the checkpoint's own")
+    group.add_argument("--embeddings_dir", default=None, metavar="DIR",
+                       help="textual-inversion embeddings (.pt, .bin, .safetensors; subfolders too), each used where "
+                            "its file name appears in a prompt, as A1111's; default embeddings/ when it exists")
+    group.add_argument("--skip_bad_embeddings", action="store_true",
+                       help="run without the embedding files that cannot be read (corrupt, pickled code) instead "
+                            "of stopping; files for another model family are always skipped")
     group.add_argument("--lowmem", "--medvram", dest="lowmem", action="store_true",
                        help="keep one of text encoder, UNet and VAE in memory at a time, converted from the "
                             "checkpoint when used: SD 1.x peaks near 4 instead of 6 GB (1-2 s more a batch)")
@@ -67,16 +80,98 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
     group.add_argument("--dpm_solver", "--dpm", action="append_const", const="dpm", dest="sampler_flags",
                        help="DPM-Solver++ (2M) sampler")
     group.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    add_sampler_option_arguments(group)
     group.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
+    group.add_argument("--clip_skip", type=int, default=1,
+                       help="A1111's clip skip: 1 = the text encoder's last layer, 2 = the one before it (SD 1.x; "
+                            "SD 2.x keeps its configured layer, as in A1111)")
+    group.add_argument("--emphasis", type=str.lower, default="original", choices=EMPHASIS_MODES,
+                       help="A1111's Emphasis, any case: how (word:1.2) weights apply; original = weighted then "
+                            "rescaled to the original mean, 'no norm' = weighted only")
     group.add_argument("--n_samples", type=int, default=n_samples, help="batch size")
     group.add_argument("--n_iter", type=int, default=n_iter, help="batches per prompt")
     group.add_argument("--seed", type=int, default=42,
-                       help="seeds one CPU generator, 0..2^64-1: the same images on every device")
+                       help="0..2^64-1, or -1 for a random one (written to the infotexts); image k of the run gets "
+                            "seed + k (see --seed_mode): the same images on every device")
     group.add_argument("--rng", type=str.lower, choices=RNG_SOURCES, default="cpu",
                        help="where the seed's random numbers come from (A1111's RNG setting, any case): cpu = "
                             "torch's CPU generator; nv = the numbers torch.randn gives on an NVIDIA GPU, computed "
                             "on the CPU: a seed shared from an NVIDIA card (A1111's GPU or NV) makes its noise")
     group.add_argument("--fixed_code", action="store_true", help="one start noise shared by every batch")
+    infotext.add_from_png_argument(group)
+    add_seed_arguments(group)
+    add_lora_arguments(parser)
+
+
+def add_lora_arguments(parser):
+    """LoRAs: A1111's <lora:name:weight> tags in the prompts (ldm.generate.extra_networks), and --lora."""
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--lora_dir", default=str(DEFAULT_LORA_DIR), metavar="FOLDER",
+                       help="where <lora:NAME:WEIGHT> in a prompt finds NAME.safetensors (.pt, .ckpt; subfolders too); "
+                            "<lora:NAME:TE:UNET> weighs the text encoder and the UNet apart, as A1111")
+    group.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                       help="apply this LoRA file to every prompt, at WEIGHT (default 1.0); repeatable")
+    group.add_argument("--skip_bad_lora", action="store_true",
+                       help="a LoRA that is missing, unreadable or for another model: one line, and the run goes on "
+                            "without it (default: exit 2 before sampling)")
+
+
+def add_seed_arguments(group):
+    """A1111's seed convention and its variation seeds (ldm.generate.rng.RunSeeds, ImageNoise)."""
+    group.add_argument("--seed_mode", type=str.lower, choices=SEED_MODES, default="a1111",
+                       help="a1111 (default): image k of the run has seed + k and its own generator, so that the seed "
+                            "in its infotext alone makes it again; batch: the originals' one generator for the run")
+    group.add_argument("--subseed", type=int, default=RANDOM_SEED,
+                       help="A1111's variation seed (default -1: a random one), mixed in at --subseed_strength; "
+                            "image k gets subseed + k")
+    group.add_argument("--subseed_strength", type=float, default=0.0,
+                       help="0..1: the start noise slerped from the seed's (0) to the variation seed's (1)")
+    group.add_argument("--seed_resize_from_h", type=int, default=0, metavar="PIXELS",
+                       help="with --seed_resize_from_w: make the seed's noise at this size and paste it at the "
+                            "centre, so that a seed keeps its picture at a new size (A1111's; 0 = off)")
+    group.add_argument("--seed_resize_from_w", type=int, default=0, metavar="PIXELS", help="see --seed_resize_from_h")
+    group.add_argument("--ensd", type=int, default=0,
+                       help="A1111's eta noise seed delta: the sampler's noise after the start noise comes from "
+                            "seed + ensd (31337 in many shared A1111 settings; default 0)")
+
+
+def add_sampler_option_arguments(group):
+    """A1111's sampler parameters; each is passed to the samplers whose function takes it (see --help)."""
+    group.add_argument("--eta", type=float, default=1.0,
+                       help="the ancestral and SDE samplers' share of fresh noise at each step, 0 = none (A1111's Eta; "
+                            "default 1.0, A1111's); DDIM's eta is the separate --ddim_eta, as in A1111")
+    group.add_argument("--s_churn", type=float, default=0.0,
+                       help="Karras' churn for Euler, Heun and DPM2: noise added back before each step (A1111's "
+                            "Sigma churn; default 0 = none)")
+    group.add_argument("--s_tmin", type=float, default=0.0,
+                       help="churn applies at sigmas from --s_tmin to --s_tmax only (A1111's Sigma tmin; default 0)")
+    group.add_argument("--s_tmax", type=float, default=math.inf,
+                       help="see --s_tmin (A1111's Sigma tmax; default, and 0 as in A1111: infinity)")
+    group.add_argument("--s_noise", type=float, default=1.0,
+                       help="the scale of the fresh noise of churn and of the ancestral and SDE samplers (A1111's "
+                            "Sigma noise; default 1.0)")
+    group.add_argument("--sigma_quantization", action="store_true",
+                       help="k-samplers: round each sigma to the nearest model timestep (A1111's quantization "
+                            "setting); by default timesteps are fractional, interpolated between them")
+
+
+def sampler_options_from_args(args) -> SamplerOptions:
+    return SamplerOptions(eta=args.eta, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax or math.inf,
+                          s_noise=args.s_noise)
+
+
+def check_sampler_options(args, sampler: str):
+    """--eta, --s_* and --sigma_quantization in range, and used by the chosen sampler when not at their defaults."""
+    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise"):
+        value = getattr(args, name)
+        if math.isnan(value) or (math.isinf(value) and name != "s_tmax") or value < 0:
+            raise UserError(f"--{name} must be a finite number, 0 or more (got {value})")
+    options = sampler_options_from_args(args)
+    if options.s_tmax < options.s_tmin:
+        raise UserError(f"--s_tmax {args.s_tmax} is below --s_tmin {args.s_tmin}: churn would never apply")
+    problem = samplers.unused_options_problem(sampler, options, args.sigma_quantization, prefix="--")
+    if problem:
+        raise UserError(problem)
 
 
 def add_output_arguments(parser, outdir):
@@ -131,8 +226,7 @@ def check_sampling_arguments(args):
         if getattr(args, name) > MAX_IMAGES:
             raise UserError(f"--{name} {getattr(args, name)} asks for more than the {MAX_IMAGES} images one run "
                             "makes: use fewer, or several runs")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed {args.seed} is outside 0..{MAX_SEED}: the generator takes a 64-bit seed")
+    check_seed_arguments(args)
     for flag, value in (("--scale", args.scale), ("--ddim_eta", args.ddim_eta)):
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number (got {value})")
@@ -141,8 +235,49 @@ def check_sampling_arguments(args):
     sampler, _ = chosen_sampler_and_schedule(args)
     if args.ddim_eta and sampler != "ddim":
         raise UserError(f"--ddim_eta applies to the DDIM sampler only; drop it or use --sampler ddim")
+    check_sampler_options(args, sampler)
     if args.n_rows < 0:
         raise UserError(f"--n_rows must be 0 (one row per batch) or more (got {args.n_rows})")
+    if args.clip_skip < 1:
+        raise UserError(f"--clip_skip must be at least 1 (1 = the last layer; got {args.clip_skip})")
+
+
+def check_seed_arguments(args):
+    for flag, value in (("--seed", args.seed), ("--subseed", args.subseed)):
+        if value != RANDOM_SEED and not 0 <= value <= MAX_SEED:
+            raise UserError(f"{flag} {value} is outside 0..{MAX_SEED} (or -1 for a random one): the generator "
+                            "takes a 64-bit seed")
+    if not 0.0 <= args.subseed_strength <= 1.0:  # NaN too
+        raise UserError(f"--subseed_strength {args.subseed_strength} is outside [0, 1]: 0 is the seed's noise, "
+                        "1 the variation seed's")
+    if args.subseed != RANDOM_SEED and not args.subseed_strength:
+        raise UserError(f"--subseed {args.subseed} has no effect at --subseed_strength 0: give a strength above 0, "
+                        "or drop --subseed")
+    resize = (args.seed_resize_from_h, args.seed_resize_from_w)
+    if any(resize) and not all(side > 0 for side in resize):
+        raise UserError("--seed_resize_from_h and --seed_resize_from_w go together: give both (the size in pixels "
+                        "the seed was first used at), or neither")
+    if all(resize):
+        for flag, side in zip(("--seed_resize_from_h", "--seed_resize_from_w"), resize):
+            check_dimension(flag, side)
+    if args.ensd < 0:
+        raise UserError(f"--ensd must be 0 or more (got {args.ensd})")
+    if args.seed_mode == "batch":
+        asked = [flag for flag, used in (("--subseed_strength", args.subseed_strength), ("--seed_resize_from_h/w",
+                 any(resize)), ("--ensd", args.ensd)) if used]
+        if asked:
+            raise UserError(f"{' and '.join(asked)} work on each image's own generator: drop "
+                            f"{'them' if len(asked) > 1 else 'it'}, or drop --seed_mode batch")
+
+
+def check_seed_range(args, images: int):
+    """The seeds the run's images will have (seed + k, subseed + k, and + ensd) fit a 64-bit generator."""
+    if args.seed_mode != "a1111":
+        return
+    for flag, seed, extra in (("--seed", args.seed, args.ensd), ("--subseed", args.subseed, 0)):
+        if seed != RANDOM_SEED and seed + images - 1 + extra > MAX_SEED:
+            raise UserError(f"{flag} {seed} is too large for {images} images: image k gets {flag.lstrip('-')} + k"
+                            f"{' + --ensd' if extra else ''}, which must stay at most {MAX_SEED}")
 
 
 def check_steps(steps: int, timesteps: int, schedule: str):
@@ -192,6 +327,9 @@ def prepare_output(args):
     check_sampling_arguments(args)
     sampler = chosen_sampler(args)
     batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
+    args.lora_networks = PromptNetworks.from_args(args)
+    args.lora_networks.check(batches, args.negative_prompt)  # a missing or bad LoRA: before loading the model
+    check_seed_range(args, args.n_iter * sum(len(batch) for batch in batches))
     folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
     folder.check_writable()
     return sampler, batches, folder
@@ -201,17 +339,28 @@ def job_from_args(args, sampler: str, batches: list, height: int, width: int) ->
     """The shared run settings from the shared options; height and width are the output's size."""
     return Job(
         batches=batches, negative_prompt=args.negative_prompt, n_iter=args.n_iter, steps=args.ddim_steps,
-        sampler=sampler, schedule=chosen_sampler_and_schedule(args)[1], scale=args.scale, eta=args.ddim_eta, height=height, width=width, seed=args.seed,
-        rng=args.rng, fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid,
-        watermark=not args.no_watermark,
+        sampler=sampler, schedule=chosen_sampler_and_schedule(args)[1], scale=args.scale, eta=args.ddim_eta,
+        sampler_options=sampler_options_from_args(args), quantize=args.sigma_quantization, height=height, width=width, seed=args.seed,
+        rng=args.rng, **seed_fields(args), fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid,
+        watermark=not args.no_watermark, networks=getattr(args, "lora_networks", None), clip_skip=args.clip_skip,
+        emphasis=args.emphasis,
     )
 
 
-def check_run_before_loading(args, batches: list, size: tuple[int, int] | None = None, upscaled=False):
+def seed_fields(args) -> dict:
+    """The Job's seed fields from the seed options."""
+    resize = (args.seed_resize_from_h, args.seed_resize_from_w)
+    return dict(seed_mode=args.seed_mode, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                seed_resize_from=resize if all(resize) else None, ensd=args.ensd)
+
+
+def check_run_before_loading(args, batches: list, size: tuple[int, int] | None = None, upscaled=False,
+                             final_size=None):
     """What can be checked of the run before its model is loaded: the number of images, and its memory.
 
     size: the output's (height, width), None (or a None side) for the model's native size; with `upscaled`, the input's
-    size, which the model multiplies by its downsampling factor. The architecture is the model YAML's
+    size, which the model multiplies by its downsampling factor. final_size(height, width, factor): the size of
+    txt2img's hires pass (its peak) for that first pass, or a UserError. The architecture is the model YAML's
     (--config, or the one beside the checkpoint), SD 1.x's when neither is there: job_for_model checks
     again with the model's own once it is loaded.
     """
@@ -228,10 +377,12 @@ def check_run_before_loading(args, batches: list, size: tuple[int, int] | None =
     height, width = (side or architecture.native_size for side in (size or (None, None)))
     if upscaled:
         height, width = height * architecture.factor, width * architecture.factor
+    if final_size is not None:
+        height, width = final_size(height, width, architecture.factor)
     itemsize = resolve_dtype(args.precision, device).itemsize
     run = memory.Run(architecture, memory.Weights.of_file(ckpt, itemsize), max(len(batch) for batch in batches),
                      height, width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem)
-    memory.check_fits(run, device, _size_advice(args, architecture.factor if upscaled else 1))
+    memory.check_fits(run, device, _size_advice(args, architecture.factor if upscaled else 1, final_size is not None))
 
 
 def config_before_loading(config, ckpt) -> dict:
@@ -244,22 +395,29 @@ def config_before_loading(config, ckpt) -> dict:
         return {}
 
 
-def _size_advice(args, scale: int):
+def _size_advice(args, scale: int, hires=False):
     """A function (height, width) -> the options that ask for that output size."""
+    if hires:
+        return lambda height, width: f"--hr_resize_x {width} --hr_resize_y {height}"
     if getattr(args, "init_img", None) is None:
         return lambda height, width: f"--H {height} --W {width}"
     return lambda height, width: f"--downscale_init --max_init_pixels {height * width // scale ** 2}"
 
 
-def job_for_model(args, sampler: str, batches: list, loaded, height: int, width: int, upscaled=False) -> Job:
+def job_for_model(args, sampler: str, batches: list, loaded, height: int, width: int, upscaled=False,
+                  final_size: tuple[int, int] | None = None) -> Job:
     """job_from_args, checked against the loaded model: its number of timesteps and the run's memory
-    (`upscaled`: the output is the input times the model's downsampling factor)."""
+    (`upscaled`: the output is the input times the model's downsampling factor; final_size: the (height,
+    width) of txt2img's hires pass, where the run peaks)."""
     check_steps(args.ddim_steps, loaded.model.num_timesteps, f"{loaded.ckpt_path.name}'s schedule")
     architecture = memory.Architecture.from_config(loaded.config)
     itemsize = loaded.dtype.itemsize
+    peak_height, peak_width = final_size or (height, width)
     run = memory.Run(architecture, memory.Weights.of_model(loaded.model, itemsize), max(len(b) for b in batches),
-                     height, width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem, weights_loaded=True)
-    memory.check_fits(run, loaded.device, _size_advice(args, architecture.factor if upscaled else 1))
+                     peak_height, peak_width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem,
+                     weights_loaded=True)
+    memory.check_fits(run, loaded.device, _size_advice(args, architecture.factor if upscaled else 1,
+                                                       final_size is not None))
     return job_from_args(args, sampler, batches, height, width)
 
 

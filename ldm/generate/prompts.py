@@ -55,14 +55,3 @@ def prompt_batches(prompt: str, prompt_file, batch_size: int, repeat: int = 1) -
         prompts = [prompt] * batch_size
     return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
 
-
-def truncation_warnings(prompts: list[str], token_counts: list[int], max_length: int = 77) -> list[str]:
-    """One line per prompt that the text encoder cut."""
-    warnings = []
-    for prompt, count in zip(prompts, token_counts):
-        if count > max_length:
-            cut = count - max_length
-            shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-            warnings.append(f"warning: prompt {shown!r} is {count} tokens long; the last {cut} were cut "
-                            f"(the text encoder reads {max_length} including start and end)")
-    return warnings

@@ -18,6 +18,8 @@ reproduces A1111's NV noise (to an ulp of float32, see the scales below) at ever
 up to that size.
 """
 import math
+import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,6 +82,15 @@ class CpuRandom:
     def randn(self, shape) -> torch.Tensor:
         return torch.randn(list(shape), generator=self.generator)
 
+    @staticmethod
+    def seeded_normal(shape, seed: int) -> torch.Tensor:
+        """The first draw of a fresh CPU generator seeded with `seed` (a Brownian tree's node)."""
+        return CpuRandom(int(seed)).randn(shape)
+
+    def brownian_seeds(self, batch_size: int) -> int:
+        """One Brownian tree over the whole batch (the run's one-generator mode), seeded from this generator."""
+        return int(torch.randint(0, 2**63 - 1, [], generator=self.generator))
+
 
 class NvRandom:
     """The numbers of torch.randn on an NVIDIA GPU seeded with `seed`, one draw after another (see above)."""
@@ -95,6 +106,20 @@ class NvRandom:
         self.offset += 1
         return torch.from_numpy(values).reshape(shape)
 
+    @staticmethod
+    def seeded_normal(shape, seed: int) -> torch.Tensor:
+        """The first draw of a CUDA generator seeded with `seed` (a Brownian tree's node, as torchsde draws it
+        when k-diffusion builds its trees on an NVIDIA GPU)."""
+        return NvRandom(int(seed)).randn(shape)
+
+    def brownian_seeds(self, batch_size: int) -> int:
+        """As CpuRandom's: a 63-bit seed from the first two 32-bit words of this source's next Philox draw."""
+        counter = np.array([[self.offset & 0xFFFFFFFF], [self.offset >> 32], [0], [0]], dtype=np.uint64)
+        key = np.array([[self.seed & 0xFFFFFFFF], [self.seed >> 32]], dtype=np.uint64)
+        self.offset += 1
+        low, high = (int(word[0]) for word in philox4x32(counter, key)[:2])
+        return (low | high << 32) & (2**63 - 1)
+
 
 RNG_SOURCES = {"cpu": CpuRandom, "nv": NvRandom}
 RNG_INFOTEXT_NAMES = {"cpu": "CPU", "nv": "NV"}  # as A1111 writes its "RNG" field
@@ -105,3 +130,118 @@ def noise_source(rng: str, seed: int):
     if rng not in RNG_SOURCES:
         raise ValueError(f"unknown RNG {rng!r}: choose one of {', '.join(RNG_SOURCES)}")
     return RNG_SOURCES[rng](seed)
+
+
+# A1111's seeds: each image of a run has its own seed and its own source (its modules/rng.py ImageRNG).
+SEED_MODES = ("a1111", "batch")  # batch: the originals' one generator for the whole run
+RANDOM_SEED = -1
+A1111_RANDOM_SEEDS = 4294967294  # seed -1 means random.randrange(this), as A1111's get_fixed_seed
+
+
+@dataclass(frozen=True)
+class RunSeeds:
+    """A run's seeds as A1111 counts them (its all_seeds, all_subseeds): image k of the run (across its
+    batches and iterations) has seed `seed + k`, or `seed` for every image when a variation seed is mixed
+    in, whose `subseed + k` then differs per image. seed and subseed are -1 resolved to real ones."""
+    seed: int
+    subseed: int | None = None  # None: no variation seed
+    subseed_strength: float = 0.0
+
+    @classmethod
+    def resolve(cls, seed: int, subseed: int = RANDOM_SEED, subseed_strength: float = 0.0) -> "RunSeeds":
+        real = lambda value: random.randrange(A1111_RANDOM_SEEDS) if value == RANDOM_SEED else value
+        return cls(real(seed), real(subseed) if subseed_strength else None, subseed_strength)
+
+    def image_seed(self, index: int) -> int:
+        return self.seed if self.subseed is not None else self.seed + index
+
+    def image_subseed(self, index: int) -> int | None:
+        return None if self.subseed is None else self.subseed + index
+
+    def images(self, rng: str, first_index: int, count: int, resize_from=None, ensd: int = 0) -> "ImageNoise":
+        """The per-image sources of `count` images from the run's image `first_index` on."""
+        indices = range(first_index, first_index + count)
+        subseeds = None if self.subseed is None else [self.image_subseed(i) for i in indices]
+        return ImageNoise(rng, [self.image_seed(i) for i in indices], subseeds, self.subseed_strength,
+                          resize_from, ensd)
+
+
+def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical interpolation of one image's two noises [C, H, W], strength 0 -> low, 1 -> high.
+
+    As A1111 computes it, so that its variation seeds give its noise: the angle is taken per channel and
+    column (norms over dim 1), and where the two are nearly parallel it falls back to a linear mix that
+    weights them the other way round (low·strength + high·(1 - strength)), as A1111 does.
+    """
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    omega = torch.acos(dot)
+    sin_omega = torch.sin(omega)
+    return ((torch.sin((1.0 - strength) * omega) / sin_omega).unsqueeze(1) * low
+            + (torch.sin(strength * omega) / sin_omega).unsqueeze(1) * high)
+
+
+def paste_centred(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    """`large` [C, H, W] with `small` [C, h, w] pasted at its centre (cropped centred where it is larger)."""
+    dx, dy = (large.shape[2] - small.shape[2]) // 2, (large.shape[1] - small.shape[1]) // 2
+    width = small.shape[2] if dx >= 0 else small.shape[2] + 2 * dx
+    height = small.shape[1] if dy >= 0 else small.shape[1] + 2 * dy
+    to_x, to_y, from_x, from_y = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    large[:, to_y:to_y + height, to_x:to_x + width] = small[:, from_y:from_y + height, from_x:from_x + width]
+    return large
+
+
+class ImageNoise:
+    """The numbers of one batch whose images each have a seed (A1111's ImageRNG): image i's draws come from
+    its own source seeded with seeds[i], so an image does not depend on the others in its batch.
+
+    `first(shape)` is the start noise, in A1111's order for each image: the variation seed's noise (a fresh
+    source of subseeds[i]), then the seed's own, their slerp at `subseed_strength`, and with `resize_from`
+    (a latent (h, w)) the noise made at that size pasted at the centre of a full-size draw. After it, with
+    a non-zero `ensd` each image's source starts again from seed + ensd (A1111's "eta noise seed delta"),
+    so that sampler noise changes and the start noise does not. `randn([n, ...])` stacks each image's
+    next draw of [...]: later sampler noise, or the posterior noise of img2img's init latent.
+    """
+
+    def __init__(self, rng: str, seeds: list[int], subseeds: list[int] | None = None, subseed_strength: float = 0.0,
+                 resize_from: tuple[int, int] | None = None, ensd: int = 0):
+        self.rng, self.seeds, self.subseeds = rng, list(seeds), subseeds
+        self.subseed_strength, self.resize_from, self.ensd = subseed_strength, resize_from, ensd
+        self.sources = [noise_source(rng, seed) for seed in self.seeds]
+
+    def first(self, shape) -> torch.Tensor:
+        self._check_batch(shape)
+        image_shape = list(shape[1:])
+        made_shape = image_shape if self.resize_from is None else [image_shape[0], *self.resize_from]
+        images = []
+        for i, (seed, source) in enumerate(zip(self.seeds, self.sources)):
+            variation = None
+            if self.subseeds is not None and self.subseed_strength != 0:
+                variation = noise_source(self.rng, self.subseeds[i]).randn(made_shape)
+            noise = source.randn(image_shape) if made_shape == image_shape else noise_source(self.rng, seed).randn(made_shape)
+            if variation is not None:
+                noise = slerp(self.subseed_strength, noise, variation)
+            if made_shape != image_shape:
+                noise = paste_centred(noise, source.randn(image_shape))
+            images.append(noise)
+        if self.ensd:
+            self.sources = [noise_source(self.rng, seed + self.ensd) for seed in self.seeds]
+        return torch.stack(images)
+
+    def randn(self, shape) -> torch.Tensor:
+        self._check_batch(shape)
+        return torch.stack([source.randn(list(shape[1:])) for source in self.sources])
+
+    def brownian_seeds(self, batch_size: int) -> list[int]:
+        """One Brownian tree per image, seeded with the image's seed (as A1111: not seed + ENSD)."""
+        return self.seeds[:batch_size]
+
+    def seeded_normal(self, shape, seed: int) -> torch.Tensor:
+        return RNG_SOURCES[self.rng].seeded_normal(shape, seed)
+
+    def _check_batch(self, shape):
+        if shape[0] != len(self.seeds):
+            raise ValueError(f"a draw for {shape[0]} images from the noise of {len(self.seeds)} images")

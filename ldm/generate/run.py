@@ -17,11 +17,14 @@ from typing import Callable
 import torch
 
 from ldm.generate.errors import Interrupted
+from ldm.generate.extra_networks import AppliedNetworks, PromptNetworks
+from ldm.modules.embeddings import ti_hashes
 from ldm.generate.output import OutputFolder, SaveFailed, Watermarker, infotext, make_grid, to_uint8_images
 from ldm.generate.progress import StopFlag, progress_bar, step_callback
-from ldm.generate.prompts import truncation_warnings
-from ldm.generate.rng import RNG_INFOTEXT_NAMES, noise_source
-from ldm.models.diffusion.samplers import infotext_fields, sample
+from ldm.generate.conditioning import EMPHASIS_NAMES, Conditioner, resolve, schedule_steps
+from ldm.generate.rng import RNG_INFOTEXT_NAMES, ImageNoise, RunSeeds, noise_source
+from ldm.models.diffusion.sampler_options import SamplerOptions, infotext_fields as option_fields
+from ldm.models.diffusion.samplers import REGISTRY, infotext_fields, sample
 from ldm.models.diffusion.sampling import GuidedDenoiser
 from ldm.models.tiling import DECODE_TILED_ABOVE_PIXELS, TILE_PIXELS, decode_tiled, needs_tiling
 
@@ -38,15 +41,25 @@ class Job:
     sampler: str = "ddim"  # a key of ldm.models.diffusion.samplers.REGISTRY
     schedule: str = "automatic"  # the k-samplers' sigma schedule (samplers.SCHEDULE_NAMES)
     scale: float = 7.5
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM's (A1111's "Eta DDIM"); the k-samplers' eta is in sampler_options
+    sampler_options: SamplerOptions = field(default_factory=SamplerOptions)
+    quantize: bool = False  # k-samplers: sigma rounded to a whole model timestep (A1111's quantization)
     height: int = 512
     width: int = 512
-    seed: int = 42
+    seed: int = 42  # -1: a random one (A1111's), written to the infotexts
     rng: str = "cpu"  # where the seed's numbers come from: "cpu" or "nv" (ldm.generate.rng)
+    seed_mode: str = "a1111"  # a1111: image k has seed + k and its own generator; batch: one generator (SEED_MODES)
+    subseed: int = -1  # A1111's variation seed (-1: a random one), mixed in at subseed_strength
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (height, width) in pixels the seed's noise is made at
+    ensd: int = 0  # A1111's "eta noise seed delta": sampler noise from seed + ensd
     fixed_code: bool = False
     n_rows: int = 0
     save_grid: bool = True
     watermark: bool = True
+    clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before (SD 1.x)
+    emphasis: str = "original"  # A1111's Emphasis (prompt_encoding.EMPHASIS_MODES)
+    networks: PromptNetworks | None = None  # LoRAs (--lora, the prompts' tags); None: the tags', from models/Lora
 
 
 @dataclass
@@ -59,62 +72,70 @@ class RunReport:
 
 
 class SeededNoise:
-    """The run's random numbers: one source (`rng`: torch's CPU generator, or CUDA's numbers computed on the
-    CPU, see ldm.generate.rng), seeded once, the same numbers on every device.
+    """The run's random numbers, from `rng` (torch's CPU generator, or CUDA's numbers computed on the CPU,
+    see ldm.generate.rng): the same numbers on every device.
 
-    With fixed_code, the draws of the first batch are recorded and every later batch gets the same ones
-    (cut to its size; the first batch is the largest), so "one start noise shared by every batch" holds
-    for img2img's and the upscaler's draws too. Sampler noise (DDIM eta) comes from `source` directly,
-    after the batch's start noise, never replayed.
+    Batch mode (the originals'): one source, seeded once. With fixed_code, the draws of the first batch
+    are recorded and every later batch gets the same ones (cut to its size; the first batch is the
+    largest), so "one start noise shared by every batch" holds for img2img's and the upscaler's draws
+    too. Sampler noise (DDIM eta, ancestral) comes from `source` directly, never replayed.
+
+    A1111 mode: `new_batch(seeds)` gives each image of the batch its own source (rng.ImageNoise); the start
+    noise is made first, in A1111's order, and every later draw (img2img's posterior noise, sampler noise)
+    continues from each image's source. fixed_code there repeats the first batch's seeds (see RunSeeds).
     """
 
     def __init__(self, seed: int, fixed: bool = False, rng: str = "cpu"):
-        self.source = noise_source(rng, seed)
+        self.batch_source = noise_source(rng, seed)
         self.fixed = fixed
+        self.images: ImageNoise | None = None  # the batch's per-image sources, in A1111 mode
+        self._start = None
         self._recorded, self._replaying, self._index = [], False, 0
 
-    def new_batch(self):
-        self._replaying = self.fixed and bool(self._recorded)
+    @property
+    def source(self):
+        """What the sampler draws from: randn(shape) and brownian_seeds(batch_size)."""
+        return self.images if self.images is not None else self.batch_source
+
+    def new_batch(self, images: ImageNoise | None = None, start_shape=None):
+        """A1111 mode: `images`, whose start noise of `start_shape` is drawn at once (it comes first)."""
+        self.images = images
+        self._start = None if images is None else images.first(start_shape)
+        self._replaying = self.fixed and bool(self._recorded) and images is None
         self._index = 0
 
+    def start_noise(self, shape) -> torch.Tensor:
+        """The batch's start noise [n, C, h, w]: in A1111 mode the one made by new_batch (with its variation
+        seed and seed resize), in batch mode the next draw."""
+        if self._start is None:
+            return self.randn(shape)
+        if list(self._start.shape) != list(shape):
+            raise ValueError(f"start noise of shape {list(shape)} asked for; the batch's is {list(self._start.shape)}")
+        return self._start
+
     def randn(self, shape) -> torch.Tensor:
+        if self.images is not None:
+            return self.images.randn(shape)
         if self._replaying:
             recorded = self._recorded[self._index]
             self._index += 1
             return recorded[:shape[0]]
-        noise = self.source.randn(shape)
+        noise = self.batch_source.randn(shape)
         if self.fixed:
             self._recorded.append(noise)
         return noise
-
-
-class Conditioner:
-    """Text embeddings, computed once per distinct batch of prompts and reused across iterations."""
-
-    def __init__(self, loaded, log):
-        self.loaded, self.log = loaded, log
-        self.cache = {}
-
-    def __call__(self, prompts: list[str]):
-        key = tuple(prompts)
-        if key not in self.cache:
-            encoder = self.loaded.use("cond_stage_model")
-            self.cache[key] = self.loaded.model.get_learned_conditioning(list(prompts))
-            counts = getattr(encoder, "last_token_counts", None) or []
-            for line in dict.fromkeys(truncation_warnings(prompts, counts)):  # each cut prompt once
-                self.log(line)
-        return self.cache[key]
 
 
 @dataclass
 class BatchInputs:
     """What a task gets for each batch."""
     prompts: list[str]
-    cond: torch.Tensor  # text embeddings of the prompts
-    uncond: torch.Tensor | None  # of the negative prompt, None when there is no guidance (scale 1)
+    cond: object  # the prompts' text conditioning (conditioning.PromptConditioning, encoded per pass)
+    uncond: object  # of the negative prompt, None when there is no guidance (scale 1)
     noise: SeededNoise
     job: Job
     loaded: object  # ldm.generate.loading.LoadedModel
+    condition: Callable | None = None  # prompts -> their text embeddings, cached for the run (Conditioner)
 
     @property
     def size(self) -> int:
@@ -138,6 +159,9 @@ class Start:
     finish_latents: applied to the sampled latents before decoding.
     finish_images: applied to the decoded pictures as HWC uint8 arrays (in 8 bits, so that pixels pasted
     back from the input stay exactly the input's).
+    steps: the schedule's number of steps, None for the job's.
+    second_pass: second_pass(latents, sampled) -> latents, run on the sampled latents before finish_latents;
+    sampled(start) samples another Start as the first pass was (txt2img's hires fix).
     """
     latents: torch.Tensor
     cond: object
@@ -146,6 +170,8 @@ class Start:
     blend: Callable | None = None
     finish_latents: Callable | None = None
     finish_images: Callable | None = None
+    steps: int | None = None
+    second_pass: Callable | None = None
 
 
 class Task:
@@ -195,8 +221,18 @@ class _Run:
 
     def __init__(self, job, task, loaded, folder, log, stop):
         self.job, self.task, self.loaded, self.folder, self.log, self.stop = job, task, loaded, folder, log, stop
-        self.noise = SeededNoise(job.seed, job.fixed_code, job.rng)
-        self.condition = Conditioner(loaded, log)
+        self.seeds = RunSeeds.resolve(job.seed, job.subseed, job.subseed_strength)
+        for flag, asked, real in (("--seed", job.seed, self.seeds.seed), ("--subseed", job.subseed, self.seeds.subseed)):
+            if asked == -1 and real is not None:
+                log(f"{flag} -1: the random seed {real} ({flag} {real} makes this run again)")
+        self.noise = SeededNoise(self.seeds.seed, job.fixed_code, job.rng)
+        self.images_before = self.batch_first_image = 0  # the run's image index of this batch's first image
+        self.condition = Conditioner(loaded, log, job.emphasis, job.clip_skip, getattr(loaded, "embeddings", None))
+        if getattr(loaded, "embeddings", None) is not None:
+            loaded.embeddings.forget_used()  # the infotext's "TI hashes" name this run's embeddings
+        self.networks = job.networks or PromptNetworks(log=log)
+        self.applied_networks = AppliedNetworks(loaded, self.networks, log)
+        self.network_fields, self.grid_network_fields = {}, None  # the batch's and the first batch's
         self.watermark = Watermarker(loaded.watermark_text if job.watermark else None)
         self.report, self.grid_images, self.tiling_announced = RunReport(), [], False
         self.total_batches = job.n_iter * len(job.batches)
@@ -205,6 +241,8 @@ class _Run:
         job = self.job
         try:
             with torch.inference_mode(), self.loaded.autocast():
+                self.networks.check(job.batches, job.negative_prompt)
+                self.applied_networks.check(job.batches, job.negative_prompt)
                 self.task.prepare(job, self.loaded, self.log)
                 try:
                     for iteration in range(job.n_iter):
@@ -222,23 +260,30 @@ class _Run:
                 self.report.grid = self.folder.save_grid(grid, text)
         except SaveFailed as error:  # a full disk or the like: what is saved stays, nothing more is tried
             self.report.save_failed = str(error)
+        finally:  # a later run of this loaded model (the server's next request) starts from its own weights
+            self.applied_networks.restore()
         return self.report
 
     def one_batch(self, prompts: list[str], number: int):
-        job, model = self.job, self.loaded.model
-        self.noise.new_batch()
-        cond = self.condition(prompts)
-        uncond = self.condition([job.negative_prompt] * len(prompts)) if job.scale != 1.0 else None
-        start = self.task.start(BatchInputs(prompts, cond, uncond, self.noise, job, self.loaded))
-        latents = start.latents.to(self.loaded.device)
-        if start.skip_steps < job.steps:
-            self.loaded.use("model")
-            denoiser = GuidedDenoiser(model, start.cond, start.uncond, job.scale, dtype=self.loaded.dtype,
-                                      device=self.loaded.device)
-            with progress_bar(job.steps - start.skip_steps, f"batch {number}/{self.total_batches}") as bar:
-                latents = sample(job.sampler, denoiser, latents, job.steps, skip_steps=start.skip_steps, eta=job.eta,
-                                 schedule=job.schedule, noise_source=self.noise.source,
-                                 callback=step_callback(bar, self.stop), blend=start.blend)
+        job = self.job
+        networks = self.networks.for_batch(prompts, job.negative_prompt)
+        if self.applied_networks.apply(networks):
+            self.condition.cache.clear()  # encoded with the text encoder's previous weights
+        self.network_fields = networks.infotext_fields()
+        if self.grid_network_fields is None:
+            self.grid_network_fields = self.network_fields
+        cond = self.condition(networks.prompts, composable=True)
+        composed = any(len(parts) > 1 or parts[0][1] != 1.0 for parts in cond.parts)  # AND needs the uncond
+        uncond = None
+        if job.scale != 1.0 or composed:
+            uncond = self.condition([networks.negative_prompt] * len(prompts))
+        batch = BatchInputs(prompts, cond, uncond, self.noise, job, self.loaded, self.condition)
+        self.new_batch_noise(batch)
+        start = self.task.start(batch)
+        label = f"batch {number}/{self.total_batches}"
+        latents = self.sampled(start, label)
+        if start.second_pass is not None:
+            latents = start.second_pass(latents, lambda second: self.sampled(second, f"{label} hires"))
         if start.finish_latents is not None:
             latents = start.finish_latents(latents)
         if needs_tiling(latents.shape, self.loaded.downsampling_factor) and not self.tiling_announced:
@@ -251,6 +296,22 @@ class _Run:
         for position, (prompt, image) in enumerate(zip(prompts, images)):
             self.save(image, decoded[position], prompt, f"batch {number} image {position + 1} ({prompt[:40]!r})",
                       len(prompts), position)
+
+    def sampled(self, start: Start, label: str) -> torch.Tensor:
+        """The start's latents after its steps, with a progress bar and Ctrl-C honoured at each step."""
+        job, steps = self.job, start.steps or self.job.steps
+        latents = start.latents.to(self.loaded.device)
+        if start.skip_steps >= steps:
+            return latents
+        text_steps = schedule_steps(job.sampler, steps)
+        cond, uncond = resolve(start.cond, text_steps), resolve(start.uncond, text_steps)  # before the UNet (--lowmem)
+        self.loaded.use("model")
+        denoiser = GuidedDenoiser(self.loaded.model, cond, uncond, job.scale, dtype=self.loaded.dtype,
+                                  device=self.loaded.device)
+        with progress_bar(steps - start.skip_steps, label) as bar:
+            return sample(job.sampler, denoiser, latents, steps, skip_steps=start.skip_steps, eta=job.eta,
+                          sampler_options=job.sampler_options, quantize=job.quantize, schedule=job.schedule,
+                          noise_source=self.noise.source, callback=step_callback(bar, self.stop), blend=start.blend)
 
     def save(self, image, decoded_image, prompt, label, batch_size, position):
         """One picture: refused if its decode is NaN (the rest of the batch goes on), else watermarked and saved."""
@@ -269,30 +330,79 @@ class _Run:
             self.report.saved.append(self.folder.save_sample(image, text))
         self.grid_images.append(image)
 
+    def new_batch_noise(self, batch: BatchInputs):
+        """Batch mode: the run's one source goes on. A1111 mode: each image its seed's source; with
+        fixed_code every batch has the first batch's seeds, so that it has the first batch's noise."""
+        job = self.job
+        self.batch_first_image = 0 if job.fixed_code else self.images_before
+        self.images_before += batch.size
+        if job.seed_mode == "batch":
+            self.noise.new_batch()
+            return
+        factor = self.loaded.downsampling_factor
+        resize = None if job.seed_resize_from is None else tuple(side // factor for side in job.seed_resize_from)
+        images = self.seeds.images(job.rng, self.batch_first_image, batch.size, resize, job.ensd)
+        self.noise.new_batch(images, batch.latent_shape)
+
     def fields(self, batch_size, position) -> dict:
-        return job_fields(self.job, self.loaded, batch_size, position, self.task.fields(self.job))
+        """Image `position` of this batch's fields; position None: the grid's, which names the run's first image."""
+        index = 0 if position is None or self.job.seed_mode == "batch" else self.batch_first_image + position
+        networks = self.grid_network_fields if position is None else self.network_fields
+        return job_fields(self.job, self.loaded, batch_size, position, self.task.fields(self.job),
+                          seed=self.seeds.image_seed(index), subseed=self.seeds.image_subseed(index),
+                          networks=networks)
 
 
-def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None = None) -> dict:
-    """The A1111 `key: value` fields, in their order."""
+def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None = None, seed: int | None = None,
+               subseed: int | None = None, networks: dict | None = None) -> dict:
+    """The A1111 `key: value` fields, in their order; seed and subseed: the image's own (default job.seed);
+    networks: the batch's "Lora hashes" (after RNG, as A1111's extra generation parameters)."""
     fields = {
         "Steps": job.steps,
         **infotext_fields(job.sampler, job.schedule),
         "CFG scale": job.scale,
-        "Seed": job.seed,
+        "Seed": job.seed if seed is None else seed,
         "Size": f"{job.width}x{job.height}",
         "Model hash": loaded.hash,
         "Model": loaded.name,
     }
+    if loaded.vae_path is not None:  # A1111's order: after Model
+        fields["VAE hash"] = loaded.vae_hash
+        fields["VAE"] = loaded.vae_path.name
+    if job.subseed_strength:
+        fields["Variation seed"] = job.subseed if subseed is None else subseed
+        fields["Variation seed strength"] = job.subseed_strength
+    if job.seed_resize_from is not None:
+        fields["Seed resize from"] = f"{job.seed_resize_from[1]}x{job.seed_resize_from[0]}"  # WxH, as Size
     fields.update(extra or {})
+    if job.clip_skip > 1:
+        fields["Clip skip"] = job.clip_skip
+    if job.emphasis != "original":
+        fields["Emphasis"] = EMPHASIS_NAMES[job.emphasis]
+    if ensd_changes_image(job):  # as A1111: written only where the sampler draws noise that ENSD reseeds
+        fields["ENSD"] = job.ensd
     if job.eta:
-        fields["Eta"] = job.eta
+        fields["Eta DDIM"] = job.eta  # A1111's name for DDIM's eta; "Eta" is the k-samplers'
+    fields.update(option_fields(REGISTRY[job.sampler].function, job.sampler_options))
     fields["Batch size"] = batch_size
     fields["Batch pos"] = position
-    if job.rng != "cpu":  # A1111 writes the field only when it is not the default (ours is cpu)
-        fields["RNG"] = RNG_INFOTEXT_NAMES[job.rng]
+    if job.seed_mode != "a1111":  # without it, the seed would be read back with A1111's meaning
+        fields["Seed mode"] = job.seed_mode
+    # always: A1111 leaves the field out for its own default, "GPU" (the card's numbers), which is not ours
+    fields["RNG"] = RNG_INFOTEXT_NAMES[job.rng]
+    fields.update(networks or {})
+    used_embeddings = ti_hashes(loaded.embeddings.used.values()) if getattr(loaded, "embeddings", None) else None
+    if used_embeddings:  # A1111's order: after "Lora hashes"
+        fields["TI hashes"] = used_embeddings
     fields["Version"] = VERSION
     return fields
+
+
+def ensd_changes_image(job: Job) -> bool:
+    """Whether ENSD moves this job's image: its sampler draws noise after the start (DDIM with eta, the
+    ancestral samplers with a non-zero eta)."""
+    draws_noise = job.eta > 0 if job.sampler == "ddim" else REGISTRY[job.sampler].stochastic and job.sampler_options.eta != 0
+    return bool(job.ensd) and draws_noise
 
 
 def run_and_report(job: Job, task: Task, loaded, folder: OutputFolder) -> int:

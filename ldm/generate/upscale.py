@@ -35,7 +35,7 @@ class Upscaling(Task):
 
     def start(self, batch: BatchInputs) -> Start:
         n, model = batch.size, batch.loaded.model
-        latents = batch.noise.randn(batch.latent_shape)
+        latents = batch.noise.start_noise(batch.latent_shape)
         augmentation = batch.noise.randn([n, *self.low_res.shape[1:]])
         levels = torch.full((n,), self.noise_level, dtype=torch.long, device=self.low_res.device)
         image = model.low_scale_conditioning(self.low_res.expand(n, -1, -1, -1), levels, augmentation)

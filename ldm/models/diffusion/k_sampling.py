@@ -260,3 +260,62 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise=None, callback=None):
             x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * corrected
         old_denoised = denoised
     return x
+
+
+# --- LCM (Latent Consistency Models), as A1111's sd_samplers_lcm -------------------------------------------------
+LCM_ORIGINAL_STEPS = 50  # the timesteps an LCM was distilled on: every 20th of 1000, the last 999
+
+
+class LCMSigmas(ModelSigmas):
+    """An LCM's noise levels, as A1111's LCMCompVisDenoiser: only its 50 timesteps 19, 39, ..., 999 exist.
+
+    sigma_to_t rounds to the nearest of them (always: an LCM was trained on no others) and returns the model
+    timestep; t_to_sigma takes a model timestep and interpolates between them; the uniform grid walks
+    timesteps 999 -> 19, so --schedule and img2img see an LCM's own range. `quantize` is taken for the
+    signature ModelSigmas has and ignored: an LCM always rounds.
+    """
+
+    def __init__(self, alphas_cumprod, quantize=True):
+        acp = torch.as_tensor(alphas_cumprod)
+        self.spacing = len(acp) // LCM_ORIGINAL_STEPS
+        self.first_timestep = self.spacing - 1
+        ModelSigmas.__init__(self, acp[self.first_timestep::self.spacing], quantize=True)  # not the denoiser's
+
+    def sigma_to_t(self, sigma) -> int:
+        return super().sigma_to_t(sigma) * self.spacing + self.first_timestep
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        index = ((torch.as_tensor(t, dtype=torch.float64) - self.first_timestep) / self.spacing)
+        return super().t_to_sigma(index.clamp(0, len(self.sigmas) - 1))
+
+    def uniform_sigmas(self, steps: int) -> torch.Tensor:
+        start, end = self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min)
+        return append_zero(self.t_to_sigma(torch.linspace(start, end, steps, dtype=torch.float64)))
+
+
+class LCMDenoiser(LCMSigmas, SigmaDenoiser):
+    """SigmaDenoiser at an LCM's timesteps, its estimate put through the consistency model's boundary condition
+    c_skip·x + c_out·denoised (sigma_data 0.5, timestep scaled by 10), as A1111 does."""
+
+    def __init__(self, denoiser, blend=None, quantize=True):
+        LCMSigmas.__init__(self, denoiser.schedule.alphas_cumprod)
+        self.denoiser, self.blend = denoiser, blend
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        denoised = SigmaDenoiser.__call__(self, x, sigma)
+        scaled_t, sigma_data = 10.0 * self.sigma_to_t(sigma), 0.5
+        c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
+        c_out = scaled_t / math.sqrt(scaled_t**2 + sigma_data**2)
+        return c_out * denoised + c_skip * x
+
+
+def sample_lcm(model, x, sigmas, *, noise, callback=None):
+    """Each step jumps to the consistency model's estimate, then noises it afresh to the next sigma."""
+    sigmas = sigmas.tolist()
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        _report(callback, i, sigmas, x, denoised, model)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + _fresh_noise(noise, x) * sigmas[i + 1]
+    return x

@@ -98,6 +98,32 @@ def _cast_conditioning(cond, dtype):
     return cond.to(dtype) if torch.is_tensor(cond) and cond.is_floating_point() else cond
 
 
+def _is_stepwise(cond) -> bool:
+    return hasattr(cond, "at") and hasattr(cond, "parts")
+
+
+def _stepwise_text(cond):
+    """The stepwise text conditioning in `cond` (itself, or in its dict or list), or None."""
+    if _is_stepwise(cond):
+        return cond
+    values = cond.values() if isinstance(cond, dict) else cond if isinstance(cond, (list, tuple)) else ()
+    return next((found for found in map(_stepwise_text, values) if found is not None), None)
+
+
+def _at_call(cond, call, length, image_of_row):
+    """`cond` with its stepwise text at model call `call`, padded to `length` tokens, and every other tensor's
+    rows taken as `image_of_row` says (None: as they are)."""
+    if _is_stepwise(cond):
+        return cond.at(call, length)
+    if isinstance(cond, dict):
+        return {key: _at_call(value, call, length, image_of_row) for key, value in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return [_at_call(value, call, length, image_of_row) for value in cond]
+    if torch.is_tensor(cond) and image_of_row is not None:
+        return cond.index_select(0, image_of_row.to(cond.device))
+    return cond
+
+
 def placement_of(model) -> dict:
     """{"dtype", "device"} of a bare LatentDiffusion's UNet, for GuidedDenoiser's callers that hold nothing
     but the model (the original-API adapters, training's sample grids); a run knows them from its LoadedModel."""
@@ -120,9 +146,18 @@ class GuidedDenoiser:
         self.parameterization = model.parameterization
         self.device, self.dtype = torch.device(device), dtype
         self.scale = float(scale)
-        self.guided = uncond is not None and self.scale != 1.0
-        both = _concat_conditioning(uncond, cond) if self.guided else cond
-        self.cond = _cast_conditioning(both, self.dtype)
+        # Text that changes during sampling (ldm.generate.conditioning.StepConditioning): picked per model call.
+        self.text, self.calls = _stepwise_text(cond), 0
+        composed = self.text is not None and not self.text.simple
+        if composed and uncond is None:
+            raise ValueError("composable (AND) prompts need an unconditional conditioning")
+        self.guided = uncond is not None and (self.scale != 1.0 or composed)
+        self.cond_parts, self.uncond_parts = cond, uncond
+        if self.text is None:
+            both = _concat_conditioning(uncond, cond) if self.guided else cond
+            self.cond = _cast_conditioning(both, self.dtype)
+        else:
+            self.image_of_row = torch.tensor([image for image, parts in enumerate(self.text.parts) for _ in parts])
 
     def __call__(self, x, t):
         x = x.float()
@@ -134,15 +169,36 @@ class GuidedDenoiser:
         """(the guided raw output, eps or v or x0; the parameterisation), for wrappers with their own scalings."""
         t = float(t)
         x = x.float()
-        model_input = torch.cat([x, x]) if self.guided else x
+        composed = self.text is not None and not self.text.simple
+        cond_x = x.index_select(0, self.image_of_row.to(x.device)) if composed else x
+        model_input = torch.cat([x, cond_x]) if self.guided else cond_x
         # Integer timesteps go in as integers, exactly as the originals pass them.
         t_dtype = torch.long if t.is_integer() else torch.float32
         t_input = torch.full((model_input.shape[0],), t, device=x.device, dtype=t_dtype)
-        output = self.model.apply_model(model_input.to(self.dtype), t_input, self.cond).float()
-        if self.guided:
+        output = self.model.apply_model(model_input.to(self.dtype), t_input, self.conditioning_now()).float()
+        self.calls += 1
+        if composed:  # A1111's combine_denoised: uncond + sum of weight * scale * (cond_part - uncond)
+            uncond_output, cond_output = output[:x.shape[0]], output[x.shape[0]:]
+            output = uncond_output.clone()
+            for image, parts in enumerate(self.text.parts):
+                for row, weight in parts:
+                    output[image] += (cond_output[row] - uncond_output[image]) * (weight * self.scale)
+        elif self.guided:
             uncond_output, cond_output = output.chunk(2)
             output = uncond_output + self.scale * (cond_output - uncond_output)
         return output, self.parameterization
+
+    def conditioning_now(self):
+        """The model's conditioning for this call: the fixed one, or the stepwise text's at this model call
+        (cond and uncond padded with empty chunks to one length; other tensors' rows repeated per AND part)."""
+        if self.text is None:
+            return self.cond
+        texts = [self.text] + ([_stepwise_text(self.uncond_parts)] if self.guided else [])
+        length = max(text.length_at(self.calls) for text in texts if text is not None)
+        rows = None if self.text.simple else self.image_of_row
+        cond = _at_call(self.cond_parts, self.calls, length, rows)
+        both = _concat_conditioning(_at_call(self.uncond_parts, self.calls, length, None), cond) if self.guided else cond
+        return _cast_conditioning(both, self.dtype)
 
     def eps_and_x0(self, x, output, t):
         """(eps, x0) from the model's raw output at timestep t, for its parameterisation."""
@@ -235,6 +291,14 @@ def sample_plms(denoiser, x, timesteps, callback=None, blend=None):
 
 
 # --- DPM-Solver++(2M) -----------------------------------------------------------------------------------------
+def time_uniform_timesteps(schedule, steps, t_start=None) -> torch.Tensor:
+    """steps + 1 model timesteps, float64, for continuous times linspace(t_start, 1/N, steps + 1) (DPM-Solver's
+    and UniPC's "time_uniform"; t_start defaults to 1, pure noise): model time is (s - 1/N)·N."""
+    n = schedule.num_timesteps
+    t_start = 1.0 if t_start is None else float(t_start)
+    return (torch.linspace(t_start, 1.0 / n, steps + 1, dtype=torch.float64) - 1.0 / n) * n
+
+
 def sample_dpm_solver(denoiser, x, steps, t_start=None, callback=None, blend=None):
     """The originals' DPM-Solver: DPM-Solver++ (data prediction), multistep, order 2.
 
@@ -243,9 +307,7 @@ def sample_dpm_solver(denoiser, x, steps, t_start=None, callback=None, blend=Non
     last when steps < 15 ("lower_order_final"). Works for eps and v models alike (via the denoiser).
     """
     schedule = denoiser.schedule
-    n = schedule.num_timesteps
-    t_start = 1.0 if t_start is None else float(t_start)
-    times = (torch.linspace(t_start, 1.0 / n, steps + 1, dtype=torch.float64) - 1.0 / n) * n
+    times = time_uniform_timesteps(schedule, steps, t_start)
     lambdas, alphas, sigmas = (f(times).tolist() for f in (schedule.lambda_, schedule.alpha, schedule.sigma))
     x0_before = None
     for i in range(steps):

@@ -50,6 +50,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"max_length must be in [2, {CONTEXT_LENGTH}], got {max_length}")
         self.max_length = max_length
         self.last_token_counts: list[int] = []
+        self.clip_skip = 1
 
     def tokenize(self, text: list[str] | str) -> torch.LongTensor:
         tokens, self.last_token_counts = get_tokenizer().tokenize(text, self.pad_token, self.max_length)
@@ -59,10 +60,60 @@ class TextEncoder(nn.Module):
     def encode(self, text: list[str] | str) -> torch.Tensor:
         return self(text)
 
+    def forward(self, text: list[str] | str) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(text))
+
+    def encode_tokens(self, tokens: torch.LongTensor, fixes: list | None = None) -> torch.Tensor:
+        """Conditioning [n, length, width] of token ids [n, length] (``length`` at most ``max_length``).
+
+        ``fixes``: per row, a list of ``prompt_encoding.EmbeddingFix``: the embedding's ``vectors``
+        [k, width] replace the token embeddings at ``offset .. offset + k - 1`` before the transformer
+        (textual inversion, as A1111's EmbeddingsWithFixes).
+        """
+        tokens = tokens.to(self.token_embedding_module().weight.device)
+        if not fixes or not any(fixes):
+            return self.encode_token_ids(tokens)
+        handle = self.token_embedding_module().register_forward_hook(_embedding_fixes_hook(fixes))
+        try:
+            return self.encode_token_ids(tokens)
+        finally:
+            handle.remove()
+
+    def encode_token_ids(self, tokens: torch.LongTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_embedding_module(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def set_clip_skip(self, clip_skip: int) -> None:
+        """A1111's clip skip: 1 = the last layer's output, N = the output N - 1 layers before it."""
+        if not 1 <= clip_skip <= self.n_layers():
+            raise ValueError(f"clip skip must be in 1..{self.n_layers()} for this text encoder, got {clip_skip}")
+        self.clip_skip = clip_skip
+
+    def n_layers(self) -> int:
+        raise NotImplementedError
+
     def freeze(self) -> None:
         self.eval()
         for param in self.parameters():
             param.requires_grad = False
+
+
+def _embedding_fixes_hook(fixes: list):
+    """A forward hook for a token embedding: each row's textual-inversion vectors put in place."""
+
+    def hook(_module, _inputs, embedded: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row, row_fixes in zip(embedded, fixes):
+            for fix in row_fixes:
+                vectors = fix.embedding.vectors.to(row)
+                length = min(vectors.shape[0], row.shape[0] - fix.offset)  # A1111's cut at the chunk's end
+                row = torch.cat([row[: fix.offset], vectors[:length], row[fix.offset + length :]])
+            rows.append(row)
+        return torch.stack(rows)
+
+    return hook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,14 +192,25 @@ class FrozenCLIPEmbedder(TextEncoder):
         state_dict.pop(prefix + LEGACY_POSITION_IDS_KEY, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, text: list[str] | str) -> torch.Tensor:
-        tokens = self.tokenize(text)
+    def token_embedding_module(self) -> nn.Embedding:
+        return self.transformer.get_submodule("text_model.embeddings.token_embedding")
+
+    def n_layers(self) -> int:
+        return len(self.transformer.get_submodule("text_model.encoder.layers"))
+
+    def encode_token_ids(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """With a clip skip N > 1 (and layer "last"), A1111's: ``hidden_states[-N]`` then the final
+        layer norm."""
         # Explicit positions rather than the model's non-persistent position_ids buffer, which is not
         # in the checkpoint and so stays uninitialised when the model is built on the meta device.
         positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        skipping = self.layer == "last" and self.clip_skip > 1
         outputs = self.transformer(
-            input_ids=tokens, position_ids=positions, output_hidden_states=self.layer == "hidden"
+            input_ids=tokens, position_ids=positions, output_hidden_states=self.layer == "hidden" or skipping
         )
+        if skipping:
+            final_layer_norm = self.transformer.get_submodule("text_model.final_layer_norm")
+            return final_layer_norm(outputs.hidden_states[-self.clip_skip])
         if self.layer == "last":
             return outputs.last_hidden_state
         if self.layer == "pooled":
@@ -281,8 +343,17 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
         if freeze:
             self.freeze()
 
-    def forward(self, text: list[str] | str) -> torch.Tensor:
-        return self.model(self.tokenize(text), self.n_blocks)
+    def token_embedding_module(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def n_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    def encode_token_ids(self, tokens: torch.LongTensor) -> torch.Tensor:
+        # The clip skip is not applied: A1111 leaves SD 2.x at its configured layer whatever the setting
+        # (its FrozenOpenCLIPEmbedderWithCustomWords), so an SD 2.x image made there at "Clip skip: 2"
+        # is made here the same way.
+        return self.model(tokens, self.n_blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +395,14 @@ class BPETextTransformer(TextEncoder):
         self.transformer = Transformer(n_embed, n_layer, n_head, causal=causal)
         self.ln_final = nn.LayerNorm(n_embed)
 
-    def forward(self, text: list[str] | str) -> torch.Tensor:
-        tokens = self.tokenize(text)
-        x = self.token_projection(self.token_embedding(tokens)) + self.positional_embedding
-        return self.ln_final(self.transformer(x))
+    def token_embedding_module(self) -> nn.Embedding:
+        return self.token_embedding
+
+    def n_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def encode_token_ids(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """A clip skip N leaves out the last N - 1 blocks; the final layer norm is applied in every case."""
+        embedded = self.token_projection(self.token_embedding(tokens))
+        x = embedded + self.positional_embedding[: tokens.shape[1]]
+        return self.ln_final(self.transformer(x, self.n_layers() - (self.clip_skip - 1)))

@@ -1,0 +1,250 @@
+"""Textual-inversion embeddings, as AUTOMATIC1111 users keep them: files in a folder, used by name.
+
+Every ``.pt``, ``.bin`` and ``.safetensors`` file in the embeddings folder (and its subfolders) is an
+embedding named after its file (``EasyNegative.safetensors`` -> ``EasyNegative``). Where the name's
+tokens appear in a prompt, the embedding's k vectors take k places in the chunk instead of them
+(``EmbeddingDatabase.find_embedding``, the ``prompt_encoding.FindEmbedding`` protocol).
+
+Formats (what A1111's ``create_embedding_from_data`` reads):
+- A1111's ``.pt``: ``{"string_to_param": {"*": [k, dim]}, ...}``;
+- a single tensor under any name: ``.safetensors`` and older ``.pt`` files with ``emb_params`` [k, dim],
+  diffusers' ``learned_embeds.bin`` ``{token: [dim] or [k, dim]}``;
+- SDXL's ``{clip_l, clip_g}`` pairs belong to another model family and are skipped.
+
+Nothing in a file runs: pickles go through ``torch.load(weights_only=True)``, ``.safetensors`` through
+our own reader. An embedding whose vector size is not this text encoder's (an SD 2.x embedding with an
+SD 1.x model, say) is skipped with one line, as A1111 skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ldm.modules.encoders.tokenizer import VOCAB_SIZE, get_tokenizer
+from ldm.safetensors_reader import SafetensorsError, read_safetensors
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+DEFAULT_EMBEDDINGS_DIR = "embeddings"
+SHORT_HASH_LENGTH = 12  # A1111's Embedding.shorthash: the file's sha256, first 12 hex digits
+
+
+class EmbeddingError(Exception):
+    """An embedding file that cannot be used; the message is one line naming the file and the fix."""
+
+
+class EmbeddingSkipped(EmbeddingError):
+    """A valid embedding that does not fit this model (another family, another vector size)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    name: str
+    vectors: torch.Tensor  # [k, dim] float32: what replaces the name's tokens
+    path: Path
+    sha256: str  # of the whole file, as A1111 hashes it
+
+    @property
+    def hash(self) -> str:
+        """A1111's short hash, written in the infotext's "TI hashes"."""
+        return self.sha256[:SHORT_HASH_LENGTH]
+
+    @property
+    def n_vectors(self) -> int:
+        return self.vectors.shape[0]
+
+
+def _load_pickle(path: Path):
+    if path.stat().st_size == 0:
+        raise EmbeddingError(f"embedding {path} is empty (0 bytes): download or copy it again, or remove it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "unsafe content"
+        raise EmbeddingError(f"refusing to load embedding {path}: it holds objects that would run code when "
+                             f"unpickled ({reason}); use a .safetensors embedding or remove the file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise EmbeddingError(f"embedding {path} is truncated or corrupt ({str(error).splitlines()[0][:120]}): "
+                             "download or copy it again, or remove it") from None
+
+
+def read_embedding_data(path) -> object:
+    """What the file holds (a dict for every known format), read without running anything in it."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            state_dict, _metadata = read_safetensors(path)
+        except SafetensorsError as error:
+            raise EmbeddingError(f"{error} (an embedding: download it again, or remove it)") from None
+        return state_dict
+    return _load_pickle(path)
+
+
+def vectors_of(data, path) -> torch.Tensor:
+    """The embedding's vectors [k, dim] in float32, from what ``read_embedding_data`` returned."""
+    if not isinstance(data, dict) or not data:
+        raise EmbeddingError(f"{path} is not a textual-inversion embedding (it holds {_described(data)})")
+    if "string_to_param" in data:
+        tensors = data["string_to_param"]
+        if not isinstance(tensors, dict):
+            raise EmbeddingError(f"{path}: its string_to_param is {_described(tensors)}, not a dict of tensors")
+    elif "clip_l" in data and "clip_g" in data:
+        raise EmbeddingSkipped(f"embedding {path} is for SDXL (clip_l and clip_g vectors), not this model family: skipped")
+    else:
+        tensors = data
+    if len(tensors) != 1 or not isinstance(next(iter(tensors.values())), torch.Tensor):
+        names = ", ".join(sorted(map(str, tensors))[:4])
+        raise EmbeddingError(f"{path} is not a textual-inversion embedding: an embedding holds one tensor, this "
+                             f"holds {len(tensors)} entries ({names})")
+    vectors = next(iter(tensors.values())).detach()
+    if vectors.ndim == 1:  # diffusers' learned_embeds.bin of one vector
+        vectors = vectors.unsqueeze(0)
+    if vectors.ndim != 2 or 0 in vectors.shape or not vectors.dtype.is_floating_point:
+        raise EmbeddingError(f"{path}: its vectors are a {vectors.dtype} tensor of shape {list(vectors.shape)}; "
+                             "an embedding is a float [vectors, size] tensor")
+    vectors = vectors.to(torch.float32, copy=True)  # a copy: the file's memory map is let go
+    if not torch.isfinite(vectors).all():
+        raise EmbeddingError(f"embedding {path} holds NaN or infinite values: download it again, or remove it")
+    return vectors
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_embedding(path, vector_size: int | None = None) -> Embedding:
+    """The embedding in ``path``, named after the file; ``EmbeddingSkipped`` when its vector size is not
+    ``vector_size`` (None: any size)."""
+    path = Path(path)
+    vectors = vectors_of(read_embedding_data(path), path)
+    if vector_size is not None and vectors.shape[1] != vector_size:
+        raise EmbeddingSkipped(f"embedding {path} has vectors of size {vectors.shape[1]}, this model's text encoder "
+                               f"takes {vector_size} (an embedding for another model family): skipped")
+    return Embedding(path.stem, vectors, path, file_sha256(path))
+
+
+def token_vector_size(text_encoder: nn.Module) -> int:
+    """The size of a token's vector in the text encoder: that of its vocabulary's embedding table."""
+    for module in text_encoder.modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings == VOCAB_SIZE:
+            return module.embedding_dim
+    raise ValueError(f"{type(text_encoder).__name__} has no token embedding of {VOCAB_SIZE} tokens")
+
+
+def embedding_files(folder: Path) -> list[Path]:
+    """The embedding files under ``folder``, subfolders included (as A1111), in a stable order."""
+    found = []
+    for root, _dirs, names in os.walk(folder, followlinks=True):
+        found += [Path(root) / name for name in names if Path(name).suffix.lower() in EMBEDDING_SUFFIXES]
+    return sorted(found)
+
+
+class EmbeddingDatabase:
+    """The embeddings of a folder that fit this model, looked up by their names' tokens.
+
+    ``folder`` None is the default folder (``embeddings/``), which need not exist; a folder named by
+    the user must. A file that cannot be read (corrupt, pickled code, not an embedding) raises
+    ``EmbeddingError`` unless ``skip_bad``, when it is logged and left out; a file for another model
+    (vector size, SDXL) is always logged and left out.
+    """
+
+    def __init__(self, folder=None, tokenizer=None, vector_size: int | None = None,
+                 log: Callable[[str], None] = print, skip_bad: bool = False):
+        self.folder = Path(DEFAULT_EMBEDDINGS_DIR if folder is None else folder)
+        self.tokenizer = tokenizer or get_tokenizer()
+        self.vector_size = vector_size
+        self.embeddings: dict[str, Embedding] = {}
+        self.skipped: list[str] = []  # one line per file left out
+        self.used: dict[str, Embedding] = {}  # what find_embedding placed since forget_used, in order
+        # first token id -> [(the name's token ids, embedding)], longest name first (A1111's ids_lookup)
+        self.ids_lookup: dict[int, list[tuple[list[int], Embedding]]] = {}
+        if not self.folder.is_dir():
+            if folder is not None:
+                raise EmbeddingError(f"--embeddings_dir {folder}: no such folder (give a folder of .pt, .bin or "
+                                     ".safetensors embeddings)")
+            return
+        for path in embedding_files(self.folder):
+            try:
+                self.add(read_embedding(path, vector_size))
+            except EmbeddingSkipped as skipped:
+                self._skip(str(skipped), log)
+            except EmbeddingError as error:
+                if not skip_bad:
+                    raise EmbeddingError(f"{error} (--skip_bad_embeddings runs without it)") from None
+                self._skip(f"{error}: skipped", log)
+
+    def _skip(self, line: str, log) -> None:
+        self.skipped.append(line)
+        log(line)
+
+    def add(self, embedding: Embedding) -> None:
+        if embedding.name in self.embeddings:
+            raise EmbeddingSkipped(f"embedding {embedding.path}: the name {embedding.name!r} is taken by "
+                                   f"{self.embeddings[embedding.name].path}: skipped")
+        ids = self.tokenizer.encode(embedding.name)
+        if not ids:
+            raise EmbeddingSkipped(f"embedding {embedding.path}: its name has no tokens to write in a prompt: skipped")
+        self.embeddings[embedding.name] = embedding
+        matches = self.ids_lookup.setdefault(ids[0], [])
+        matches.append((ids, embedding))
+        matches.sort(key=lambda match: len(match[0]), reverse=True)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def find_embedding(self, token_ids: list[int], position: int) -> tuple[Embedding, int, int] | None:
+        """The embedding whose name's tokens start at ``position``: (embedding, its vector count, its
+        name's token count); the longest name wins, as in A1111."""
+        for ids, embedding in self.ids_lookup.get(token_ids[position], ()):
+            if token_ids[position:position + len(ids)] == ids:
+                self.used.setdefault(embedding.name, embedding)
+                return embedding, embedding.n_vectors, len(ids)
+        return None
+
+    def forget_used(self) -> None:
+        """Start a new record of the embeddings used (a run's "TI hashes")."""
+        self.used.clear()
+
+    def used_in(self, chunk_lists: Iterable) -> list[Embedding]:
+        """The embeddings placed in chunks (``prompt_encoding.PromptChunk`` lists), each once, in order."""
+        used = {}
+        for chunks in chunk_lists:
+            for chunk in chunks:
+                for fix in chunk.fixes:
+                    used.setdefault(fix.embedding.name, fix.embedding)
+        return list(used.values())
+
+
+def load_embeddings(folder, text_encoder: nn.Module, log: Callable[[str], None] = print,
+                    skip_bad: bool = False) -> EmbeddingDatabase:
+    """The embeddings of ``folder`` (None: ``embeddings/``) that fit ``text_encoder``, with one line
+    saying which were loaded."""
+    database = EmbeddingDatabase(folder, vector_size=token_vector_size(text_encoder), log=log, skip_bad=skip_bad)
+    if database.embeddings:
+        log(f"{len(database)} textual-inversion embeddings from {database.folder}: {', '.join(database.embeddings)}")
+    return database
+
+
+def ti_hashes(embeddings: Iterable[Embedding]) -> str | None:
+    """A1111's "TI hashes" infotext value, ``name: hash, name: hash`` (None when there are none); names
+    lose their ``:`` and ``,`` so that the value reads back."""
+    pairs = [f"{embedding.name.replace(':', '').replace(',', '')}: {embedding.hash}" for embedding in embeddings]
+    return ", ".join(dict.fromkeys(pairs)) or None
+
+
+def _described(value) -> str:
+    if isinstance(value, dict):
+        return "an empty dict" if not value else f"a dict of {len(value)} entries"
+    return f"a {type(value).__name__}"
