@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,3 +17,24 @@ def reference_path(*parts) -> Path:
     path = REFERENCE.joinpath(*parts)
     assert path.exists(), f"reference file {path} is missing from the checkout"
     return path
+
+
+# --- shared fixtures ----------------------------------------------------------------------------------------------
+# helpers and tiny_model import REPO from here: they are imported inside the fixtures, once this module is whole.
+@pytest.fixture(scope="session")
+def kdiffusion():
+    """(k_diffusion.sampling, k_diffusion.external), loaded by path once (helpers.load_kdiffusion); skips without
+    k-diffusion. Tests change these modules only through monkeypatch, so one load serves the whole session."""
+    from helpers import load_kdiffusion
+
+    return load_kdiffusion()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model (configs/tiny/txt2img-tiny.yaml, seed 0), a fresh one for each test module: tests change
+    its parameterization through monkeypatch, and building it reseeds torch's global generator (module scope
+    keeps that reseeding at each module's first use)."""
+    from tiny_model import tiny_model
+
+    return tiny_model()

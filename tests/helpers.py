@@ -1,21 +1,33 @@
 """What several test modules share, so that no test module imports another: numeric comparison, seeded
-generators, a LoadedModel around an in-memory model, the scripts run as users run them, and the random
-full-size weights and diffusers models that the parity tests compare with.
+generators, a LoadedModel around an in-memory model, the scripts run as users run them, the random
+full-size weights and diffusers models that the parity tests compare with, full-size text encoders with
+random weights and transformers' CLIP on them, and the k-diffusion package with what the k-sampler tests
+run through it.
 
-Tiny models and checkpoints themselves stay in tiny_model.py (one job per module).
+Tiny models and checkpoints themselves stay in tiny_model.py (one job per module); shared fixtures are in
+conftest.py.
 """
+import importlib.util
+import inspect
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from conftest import REPO
 from ldm.checkpoint import parameters_on_meta
 from ldm.generate.loading import LoadedModel
+from ldm.models.diffusion import samplers
+from ldm.models.diffusion.k_sampling import ModelSigmas
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
 from tiny_model import TINY_CONFIG, tiny_model
 
@@ -110,6 +122,19 @@ def meta_state_dict(config_path) -> dict:
         return instantiate_from_config(config.model, use_ema=False).state_dict()
 
 
+def build_full_size_random(config_name, seed):
+    """A full-size SD model whose UNet has seeded random weights (PyTorch's default initialisation)."""
+    with parameters_on_meta():
+        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "stable-diffusion" / config_name).model,
+                                        use_ema=False)
+    network = model.model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    for layer in network.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    return model.eval().requires_grad_(False)
+
+
 def diffusers_models(original_config_path, checkpoint: dict):
     """diffusers' UNet and VAE, configured from the original YAML and loaded strictly from `checkpoint`."""
     from accelerate import init_empty_weights
@@ -130,3 +155,153 @@ def diffusers_models(original_config_path, checkpoint: dict):
     unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True, assign=True)
     vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True, assign=True)
     return unet.eval(), vae.eval()
+
+
+# --- full-size text encoders with random weights, and transformers' CLIP on them ----------------------------------
+def randomise_(module: nn.Module, seed: int) -> None:
+    """Seeded random weights: LayerNorm weights (the only 1-D weights) near 1, the rest small."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1 and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            else:
+                param.copy_(0.02 * noise)
+
+
+def build_random(encoder_class, seed: int, **kwargs) -> nn.Module:
+    """Full-size encoder with seeded random weights, skipping the default initialisation (slow)."""
+    with torch.device("meta"):
+        encoder = encoder_class(**kwargs)
+    encoder.to_empty(device="cpu")
+    randomise_(encoder, seed)
+    return encoder
+
+
+def build_reference_clip(checkpoint_text_model: dict, **config) -> nn.Module:
+    """transformers' CLIPTextModel with the given weights (keys as diffusers' conversion gives them)."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)
+    with init_empty_weights():  # parameters on meta, buffers (position_ids) real
+        model = CLIPTextModel(config)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6: flat, no "text_model." level
+        checkpoint_text_model = {k.removeprefix("text_model."): v for k, v in checkpoint_text_model.items()}
+    model.load_state_dict(checkpoint_text_model, strict=True, assign=True)
+    return model.eval()
+
+
+# --- the k-diffusion package, loaded by path ----------------------------------------------------------------------
+# k-diffusion's package __init__ imports torchvision and friends; only its sampling.py and external.py are needed,
+# so they are loaded by path, with the modules they import but the tests never reach stood in for.
+def _exact_quad(function, low, high, **_):
+    """Gauss-Legendre with 8 nodes: exact for the cubic Lagrange polynomials k-diffusion's LMS integrates."""
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    taus = (high - low) / 2 * nodes + (high + low) / 2
+    return (high - low) / 2 * sum(w * function(tau) for w, tau in zip(weights, taus)), 0.0
+
+
+def _stand_ins() -> dict:
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, ndim: x[(...,) + (None,) * (ndim - x.ndim)]
+    scipy, integrate = types.ModuleType("scipy"), types.ModuleType("scipy.integrate")
+    integrate.quad, scipy.integrate = _exact_quad, integrate
+    torchdiffeq = types.ModuleType("torchdiffeq")
+    torchdiffeq.odeint = None
+    return {"k_diffusion.utils": utils, "scipy": scipy, "scipy.integrate": integrate, "torchdiffeq": torchdiffeq,
+            "torchsde": types.ModuleType("torchsde")}
+
+
+def load_kdiffusion() -> tuple:
+    """(k_diffusion.sampling, k_diffusion.external), loaded by path; skips the test where k-diffusion is absent."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed: pip install --no-deps k-diffusion (the test extra has it)")
+    folder = spec.submodule_search_locations[0]
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [folder]
+    saved = {name: sys.modules.get(name) for name in ("k_diffusion", *_stand_ins())}
+    sys.modules.update(_stand_ins(), k_diffusion=package)
+    loaded = []
+    try:  # the modules bind what they import while loading: the stand-ins leave sys.modules right after
+        for name in ("sampling", "external"):
+            module_spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", f"{folder}/{name}.py")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+            setattr(package, name, module)
+            loaded.append(module)
+    finally:
+        for name in ("k_diffusion.sampling", "k_diffusion.external"):
+            sys.modules.pop(name, None)
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return tuple(loaded)
+
+
+# --- the k-samplers: names, the SD schedule, noise, an exact denoiser, runs of ours and theirs --------------------
+K_SAMPLERS = [key for key, info in samplers.REGISTRY.items() if info.is_k_sampler]
+NOT_IN_K_DIFFUSION = {"lcm"}  # A1111's own sample_lcm (sd_samplers_lcm.py): test_more_samplers checks its rule
+K_DIFFUSION_SAMPLERS = [key for key in K_SAMPLERS if key not in NOT_IN_K_DIFFUSION]
+SD_ALPHAS_CUMPROD = np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))
+
+
+class NoiseFrom:
+    """A noise source over a torch.Generator, as the run's: randn(shape)."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randn(self, shape):
+        return torch.randn(list(shape), generator=self.generator)
+
+
+def k_noise_sampler(seed, shape):
+    generator = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(list(shape), generator=generator)
+
+
+class GaussianVEDenoiser:
+    """The exact denoiser (x, sigma) -> E[x0 | x] for data N(mu, diag(s²)), x = x0 + sigma·noise. The ODE keeps
+    z = (x - mu) / sqrt(s² + sigma²) constant: its exact solution at sigma is mu + sqrt(s² + sigma²)·z."""
+
+    def __init__(self, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        shape = (1, 4, 8, 8)
+        self.mu = 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        self.s = 0.3 + 1.2 * torch.rand(shape, generator=generator, dtype=torch.float64)
+        self.z = torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def __call__(self, x, sigma):
+        sigma = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
+        return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+
+    def at(self, sigma):
+        return self.mu + (self.s**2 + sigma**2).sqrt() * self.z
+
+
+def karras_grid(steps):
+    model_sigmas = ModelSigmas(torch.tensor(SD_ALPHAS_CUMPROD))
+    return samplers.sigma_grid("euler", "karras", steps, model_sigmas)
+
+
+def run_ours(name, model, x, sigmas, seed=5):
+    info = samplers.REGISTRY[name]
+    return info.function(model, x, sigmas, noise=NoiseFrom(seed), callback=None, **info.options)
+
+
+def run_theirs(kd_sampling, name, model, x, sigmas, seed=5, **extra):
+    function = getattr(kd_sampling, samplers.REGISTRY[name].function.__name__)
+    options = {"noise_sampler": k_noise_sampler(seed, x.shape)} if samplers.REGISTRY[name].stochastic else {}
+    parameters = inspect.signature(function).parameters
+    if "sigma_min" in parameters:  # DPM fast / adaptive: the grid's ends and length, and eta, as A1111 hands them
+        options.update(sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), eta=1.0)
+        if "n" in parameters:
+            options["n"] = len(sigmas) - 1
+        return function(model, x, disable=True, **options, **extra)
+    return function(model, x, sigmas, disable=True, **options, **extra)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from helpers import loaded_tiny, relative_error, txt2img  # noqa: E402
+from helpers import build_random, build_reference_clip, loaded_tiny, relative_error, txt2img  # noqa: E402
 from ldm.generate.conditioning import Conditioner  # noqa: E402
 from ldm.generate.run import Job, job_fields  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -276,7 +276,6 @@ def hf_tokenizer(folder):
 def test_sd1_text_embedding_matches_diffusers_load_textual_inversion(tmp_path):
     from diffusers.loaders import TextualInversionLoaderMixin
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from test_text_encoders import build_random, build_reference_clip
 
     from ldm.modules.encoders.modules import VIT_L_14_TEXT_CONFIG, FrozenCLIPEmbedder
 

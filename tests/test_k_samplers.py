@@ -1,133 +1,26 @@
 """The sampler registry and the k-diffusion family: parity with the k-diffusion package, schedules, names.
 
-k-diffusion's package __init__ imports torchvision and friends; only its sampling.py and external.py are
-needed, so they are loaded by path, with the modules they import but these tests never reach stood in for.
+k-diffusion's sampling.py and external.py are loaded by path (helpers.load_kdiffusion, the kdiffusion fixture),
+without its package __init__, which imports torchvision and friends.
 """
-import importlib.util
-import inspect
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import (
+    K_DIFFUSION_SAMPLERS,
+    K_SAMPLERS,
+    SD_ALPHAS_CUMPROD,
+    GaussianVEDenoiser,
+    NoiseFrom,
+    karras_grid,
+    relative_error,
+    run_ours,
+    run_theirs,
+)
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.k_sampling import ModelSigmas, SigmaDenoiser
 from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule
-from ldm.modules.diffusionmodules.util import make_beta_schedule
-from tiny_model import tiny_model as build_tiny_model
-
-K_SAMPLERS = [key for key, info in samplers.REGISTRY.items() if info.is_k_sampler]
-NOT_IN_K_DIFFUSION = {"lcm"}  # A1111's own sample_lcm (sd_samplers_lcm.py): test_more_samplers checks its rule
-K_DIFFUSION_SAMPLERS = [key for key in K_SAMPLERS if key not in NOT_IN_K_DIFFUSION]
-SD_ALPHAS_CUMPROD = np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))
-
-
-def _exact_quad(function, low, high, **_):
-    """Gauss-Legendre with 8 nodes: exact for the cubic Lagrange polynomials k-diffusion's LMS integrates."""
-    nodes, weights = np.polynomial.legendre.leggauss(8)
-    taus = (high - low) / 2 * nodes + (high + low) / 2
-    return (high - low) / 2 * sum(w * function(tau) for w, tau in zip(weights, taus)), 0.0
-
-
-def _stand_ins() -> dict:
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, ndim: x[(...,) + (None,) * (ndim - x.ndim)]
-    scipy, integrate = types.ModuleType("scipy"), types.ModuleType("scipy.integrate")
-    integrate.quad, scipy.integrate = _exact_quad, integrate
-    torchdiffeq = types.ModuleType("torchdiffeq")
-    torchdiffeq.odeint = None
-    return {"k_diffusion.utils": utils, "scipy": scipy, "scipy.integrate": integrate, "torchdiffeq": torchdiffeq,
-            "torchsde": types.ModuleType("torchsde")}
-
-
-@pytest.fixture(scope="module")
-def kdiffusion():
-    """(k_diffusion.sampling, k_diffusion.external), loaded by path."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed: pip install --no-deps k-diffusion (the test extra has it)")
-    folder = spec.submodule_search_locations[0]
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [folder]
-    saved = {name: sys.modules.get(name) for name in ("k_diffusion", *_stand_ins())}
-    sys.modules.update(_stand_ins(), k_diffusion=package)
-    loaded = []
-    try:  # the modules bind what they import while loading: the stand-ins leave sys.modules right after
-        for name in ("sampling", "external"):
-            module_spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", f"{folder}/{name}.py")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
-            setattr(package, name, module)
-            loaded.append(module)
-    finally:
-        for name in ("k_diffusion.sampling", "k_diffusion.external"):
-            sys.modules.pop(name, None)
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return tuple(loaded)
-
-
-class NoiseFrom:
-    """A noise source over a torch.Generator, as the run's: randn(shape)."""
-
-    def __init__(self, seed):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def randn(self, shape):
-        return torch.randn(list(shape), generator=self.generator)
-
-
-def k_noise_sampler(seed, shape):
-    generator = torch.Generator().manual_seed(seed)
-    return lambda sigma, sigma_next: torch.randn(list(shape), generator=generator)
-
-
-class GaussianVEDenoiser:
-    """The exact denoiser (x, sigma) -> E[x0 | x] for data N(mu, diag(s²)), x = x0 + sigma·noise. The ODE keeps
-    z = (x - mu) / sqrt(s² + sigma²) constant: its exact solution at sigma is mu + sqrt(s² + sigma²)·z."""
-
-    def __init__(self, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        shape = (1, 4, 8, 8)
-        self.mu = 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
-        self.s = 0.3 + 1.2 * torch.rand(shape, generator=generator, dtype=torch.float64)
-        self.z = torch.randn(shape, generator=generator, dtype=torch.float64)
-
-    def __call__(self, x, sigma):
-        sigma = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else float(sigma)
-        return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
-
-    def at(self, sigma):
-        return self.mu + (self.s**2 + sigma**2).sqrt() * self.z
-
-
-def karras_grid(steps):
-    model_sigmas = ModelSigmas(torch.tensor(SD_ALPHAS_CUMPROD))
-    return samplers.sigma_grid("euler", "karras", steps, model_sigmas)
-
-
-def run_ours(name, model, x, sigmas, seed=5):
-    info = samplers.REGISTRY[name]
-    return info.function(model, x, sigmas, noise=NoiseFrom(seed), callback=None, **info.options)
-
-
-def run_theirs(kd_sampling, name, model, x, sigmas, seed=5, **extra):
-    function = getattr(kd_sampling, samplers.REGISTRY[name].function.__name__)
-    options = {"noise_sampler": k_noise_sampler(seed, x.shape)} if samplers.REGISTRY[name].stochastic else {}
-    parameters = inspect.signature(function).parameters
-    if "sigma_min" in parameters:  # DPM fast / adaptive: the grid's ends and length, and eta, as A1111 hands them
-        options.update(sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]), eta=1.0)
-        if "n" in parameters:
-            options["n"] = len(sigmas) - 1
-        return function(model, x, disable=True, **options, **extra)
-    return function(model, x, sigmas, disable=True, **options, **extra)
 
 
 # --- parity with k-diffusion -------------------------------------------------------------------------------------
@@ -139,11 +32,6 @@ def test_each_k_sampler_equals_k_diffusion_on_an_analytic_denoiser(kdiffusion, n
     ours = run_ours(name, denoiser, x, sigmas)
     theirs = run_theirs(kdiffusion[0], name, denoiser, x, sigmas.float())
     assert relative_error(ours, theirs) < 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model()
 
 
 @pytest.mark.parametrize("name", K_DIFFUSION_SAMPLERS)

@@ -8,12 +8,10 @@ CompVisDenoiser of the same model, the same sigmas and the same noise. Run with 
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import K_DIFFUSION_SAMPLERS, build_full_size_random, relative_error, run_ours, run_theirs
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.k_sampling import SigmaDenoiser
 from ldm.models.diffusion.sampling import GuidedDenoiser
-from test_k_samplers import K_DIFFUSION_SAMPLERS, kdiffusion, run_ours, run_theirs  # noqa: F401
-from test_samplers import build_full_size_random
 
 # Brownian-tree (SDE) and adaptive samplers have their own parity tests on the tiny model
 STEPPED_K_SAMPLERS = [name for name in K_DIFFUSION_SAMPLERS
@@ -28,7 +26,7 @@ def full_size():
 
 
 @pytest.mark.slow
-def test_every_stepped_k_sampler_equals_k_diffusion_on_a_full_size_unet(kdiffusion, full_size):  # noqa: F811
+def test_every_stepped_k_sampler_equals_k_diffusion_on_a_full_size_unet(kdiffusion, full_size):
     model, cond = full_size
     ours_model = SigmaDenoiser(GuidedDenoiser(model, cond, dtype=torch.float32, device="cpu"))
     theirs_model = kdiffusion[1].CompVisDenoiser(model)

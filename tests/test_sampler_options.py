@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers import loaded_tiny, relative_error, txt2img
+from helpers import NoiseFrom, loaded_tiny, relative_error, txt2img
 from ldm.generate import options as cli
 from ldm.generate import run as run_module
 from ldm.generate.errors import UserError
@@ -19,8 +19,7 @@ from ldm.generate.txt2img import TextToImage
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.sampler_options import SamplerOptions
 from ldm.models.diffusion.sampling import GuidedDenoiser
-from test_k_samplers import NoiseFrom as Noise
-from tiny_model import tiny_model, write_tiny_checkpoint
+from tiny_model import write_tiny_checkpoint
 
 
 def parsed(*argv):
@@ -82,11 +81,6 @@ def test_the_cli_refuses_in_one_line_before_loading_and_writes_nothing(tmp_path)
 
 
 # --- pass-through by signature --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
-
-
 @pytest.fixture
 def denoiser_and_start(tiny):
     generator = torch.Generator().manual_seed(4)
@@ -118,7 +112,7 @@ def test_sample_passes_each_option_the_function_takes_and_no_other(monkeypatch, 
                                                                    expected):
     calls = spy_on(monkeypatch, name)
     denoiser, x = denoiser_and_start
-    samplers.sample(name, denoiser, x, 3, noise_source=Noise(1), sampler_options=options)
+    samplers.sample(name, denoiser, x, 3, noise_source=NoiseFrom(1), sampler_options=options)
     passed = {key: value for key, value in calls[0].items() if key in SamplerOptions.__dataclass_fields__}
     assert passed == expected
 
@@ -126,7 +120,7 @@ def test_sample_passes_each_option_the_function_takes_and_no_other(monkeypatch, 
 def test_sample_refuses_a_changed_option_the_sampler_does_not_take(denoiser_and_start):
     denoiser, x = denoiser_and_start
     with pytest.raises(ValueError, match="Euler a does not use s_churn"):
-        samplers.sample("euler_a", denoiser, x, 3, noise_source=Noise(1), sampler_options=SamplerOptions(s_churn=1))
+        samplers.sample("euler_a", denoiser, x, 3, noise_source=NoiseFrom(1), sampler_options=SamplerOptions(s_churn=1))
     with pytest.raises(ValueError, match="DDIM does not use eta"):
         samplers.sample("ddim", denoiser, x, 3, sampler_options=SamplerOptions(eta=0.0))
     with pytest.raises(ValueError, match="sigma_quantization applies to the k-diffusion samplers"):
@@ -137,7 +131,7 @@ def test_the_options_change_the_samples_as_they_should(denoiser_and_start):
     denoiser, x = denoiser_and_start
 
     def run(name, seed=1, **kwargs):
-        return samplers.sample(name, denoiser, x, 4, noise_source=Noise(seed), **kwargs)
+        return samplers.sample(name, denoiser, x, 4, noise_source=NoiseFrom(seed), **kwargs)
 
     euler = run("euler")
     assert torch.equal(run("euler_a", sampler_options=SamplerOptions(eta=0.0)), euler)  # no fresh noise: Euler's steps

@@ -5,18 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import REPO
-from helpers import relative_error
-from ldm.checkpoint import parameters_on_meta
+from helpers import build_full_size_random, relative_error
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from ldm.util import instantiate_from_config
 from tiny_model import tiny_model as build_tiny_model
 
 SD_ALPHAS_CUMPROD = np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))
@@ -97,19 +93,6 @@ def test_ddim_timesteps_keep_the_originals_extra_step_and_refuse_bad_counts():
     for bad in (0, 1001, 2.5):
         with pytest.raises(ValueError, match="sampling steps"):
             SD_SCHEDULE.ddim_timesteps(bad)
-
-
-def build_full_size_random(config_name, seed):
-    """A full-size SD model whose UNet has seeded random weights (PyTorch's default initialisation)."""
-    with parameters_on_meta():
-        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "stable-diffusion" / config_name).model,
-                                        use_ema=False)
-    network = model.model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    for layer in network.modules():
-        if hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
-    return model.eval().requires_grad_(False)
 
 
 @pytest.mark.slow

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import SD_ALPHAS_CUMPROD, GaussianVEDenoiser, NoiseFrom, karras_grid, relative_error
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.brownian import BrownianNoise, BrownianTree, brownian_noise_for, brownian_seeds
 from ldm.models.diffusion.k_sampling import ModelSigmas, SigmaDenoiser
 from ldm.models.diffusion.sampling import GuidedDenoiser
-from test_k_samplers import SD_ALPHAS_CUMPROD, GaussianVEDenoiser, NoiseFrom, karras_grid, kdiffusion, tiny  # noqa: F401
 
 SDE_SAMPLERS = [key for key, info in samplers.REGISTRY.items() if info.brownian_noise]
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642
@@ -67,7 +66,7 @@ def test_brownian_increments_have_the_variance_of_their_length():
         assert float(increment.var()) == pytest.approx(tb - ta, rel=0.02)
 
 
-def test_noise_equals_k_diffusions_brownian_tree_noise_sampler(kdiffusion, torchsde, monkeypatch):  # noqa: F811
+def test_noise_equals_k_diffusions_brownian_tree_noise_sampler(kdiffusion, torchsde, monkeypatch):
     sampling = kdiffusion[0]
     monkeypatch.setattr(sampling, "torchsde", torchsde)  # the fixture loads it with a stand-in
     x = torch.zeros(2, 4, 6, 6)
@@ -130,7 +129,7 @@ def run_both(kd_sampling, name, ours_model, theirs_model, x, sigmas, seeds, eta=
 
 @pytest.mark.parametrize("name", SDE_SAMPLERS)
 @pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
-def test_each_sde_sampler_equals_k_diffusion_on_an_analytic_denoiser(kdiffusion, name, eta):  # noqa: F811
+def test_each_sde_sampler_equals_k_diffusion_on_an_analytic_denoiser(kdiffusion, name, eta):
     denoiser = GaussianVEDenoiser()
     sigmas = karras_grid(12)
     x = denoiser.at(float(sigmas[0])).float()
@@ -139,7 +138,7 @@ def test_each_sde_sampler_equals_k_diffusion_on_an_analytic_denoiser(kdiffusion,
 
 
 @pytest.mark.parametrize("name", SDE_SAMPLERS)
-def test_each_sde_sampler_equals_k_diffusion_on_the_tiny_model(kdiffusion, tiny, name):  # noqa: F811
+def test_each_sde_sampler_equals_k_diffusion_on_the_tiny_model(kdiffusion, tiny, name):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 8, generator=generator)
     cond = torch.randn(2, 77, 32, generator=generator)
@@ -184,7 +183,7 @@ def sample_sde(name, model, x, cond, steps, seeds):
 
 
 @pytest.mark.parametrize("name", SDE_SAMPLERS)
-def test_an_image_of_a_batch_equals_its_seed_alone(tiny, name):  # noqa: F811
+def test_an_image_of_a_batch_equals_its_seed_alone(tiny, name):
     generator = torch.Generator().manual_seed(8)
     x, cond = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
     batch = sample_sde(name, tiny, x, cond, 5, [30, 31])

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conftest import reference_path  # noqa: E402
-from helpers import relative_error  # noqa: E402
+from helpers import build_random, build_reference_clip, randomise_, relative_error  # noqa: E402
 from ldm.modules.encoders.modules import (  # noqa: E402
     LEGACY_POSITION_IDS_KEY,
     BPETextTransformer,
@@ -44,41 +44,6 @@ def reference_keys(layout: str, prefix: str = "cond_stage_model.") -> dict[str, 
             if key.startswith(prefix):
                 keys[key[len(prefix) :]] = (json.loads(shape), kind)
     return keys
-
-
-def randomise_(module: nn.Module, seed: int) -> None:
-    """Seeded random weights: LayerNorm weights (the only 1-D weights) near 1, the rest small."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.dim() == 1 and name.endswith("weight"):
-                param.copy_(1 + 0.1 * noise)
-            else:
-                param.copy_(0.02 * noise)
-
-
-def build_random(encoder_class, seed: int, **kwargs) -> nn.Module:
-    """Full-size encoder with seeded random weights, skipping the default initialisation (slow)."""
-    with torch.device("meta"):
-        encoder = encoder_class(**kwargs)
-    encoder.to_empty(device="cpu")
-    randomise_(encoder, seed)
-    return encoder
-
-
-def build_reference_clip(checkpoint_text_model: dict, **config) -> nn.Module:
-    """transformers' CLIPTextModel with the given weights (keys as diffusers' conversion gives them)."""
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)
-    with init_empty_weights():  # parameters on meta, buffers (position_ids) real
-        model = CLIPTextModel(config)
-    if not hasattr(model, "text_model"):  # transformers >= 5.6: flat, no "text_model." level
-        checkpoint_text_model = {k.removeprefix("text_model."): v for k, v in checkpoint_text_model.items()}
-    model.load_state_dict(checkpoint_text_model, strict=True, assign=True)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,14 +15,8 @@ from ldm.models.diffusion import samplers, unipc
 from ldm.models.diffusion.sampler_options import SamplerOptions
 from ldm.models.diffusion.sampling import GuidedDenoiser, Schedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from tiny_model import tiny_model
 
 SD_SCHEDULE = Schedule(torch.tensor(np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.00085, 0.012))))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model()
 
 
 def tiny_denoiser(model, monkeypatch, parameterization="eps"):
