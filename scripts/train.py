@@ -4,6 +4,10 @@
     python scripts/train.py --base configs/latent-diffusion/shapes-ldm.yaml --first_stage_ckpt AE.ckpt \
         --export models/ldm/shapes-ldm/model.ckpt
     python scripts/train.py --resume logs/<run>            # continues from logs/<run>/checkpoints/last.ckpt
+    python scripts/train.py --base configs/latent-diffusion/shapes-ldm.yaml --base_ckpt MODEL.ckpt \
+        --lora_rank 4 --export models/Lora/NAME.safetensors   # a LoRA (kohya-ss format) on a trained model
+    python scripts/train.py --base configs/latent-diffusion/shapes-ldm.yaml --base_ckpt MODEL.ckpt \
+        --embedding NAME --init_word WORD --export embeddings/NAME.pt   # a textual-inversion embedding
 
 Logs (metrics.csv, configs/, checkpoints/, images/) go to <logdir>/<time>_<config name>/. Bad input (a config
 that cannot be read or names a class outside ldm without --trust_config, a bad --set or --resume) is one line
@@ -52,10 +56,23 @@ def parse_args(argv=None):
     parser.add_argument("--first_stage_ckpt",
                         help="trained autoencoder weights for a latent-diffusion config (or training.first_stage_ckpt)")
     parser.add_argument("--export", metavar="PATH",
-                        help="write the final (EMA) weights as a small fp16 checkpoint, its config as PATH.yaml beside")
+                        help="write the final (EMA) weights as a small fp16 checkpoint, its config as PATH.yaml beside "
+                             "(a LoRA: a .safetensors; an embedding: NAME.pt or NAME.safetensors)")
     parser.add_argument("--trust_config", action="store_true",
                         help="let the configs build any class or call they name (your own research code); by "
                              "default only this project's classes (ldm.*) and a short allow-list are built")
+    adapters = parser.add_argument_group("LoRA and textual inversion (ldm.lora_training): the model is frozen")
+    adapters.add_argument("--base_ckpt", help="the trained model (its .yaml beside it) that the LoRA or embedding is for")
+    adapters.add_argument("--lora_rank", type=int, help="train a LoRA of this rank (written as kohya-ss .safetensors)")
+    adapters.add_argument("--lora_alpha", type=float, help="the LoRA's alpha (its change is scaled by alpha / rank; "
+                                                             "default: the rank)")
+    adapters.add_argument("--lora_targets", default="both", choices=["unet", "text", "both"],
+                          help="the layers trained: the UNet's attention blocks, the text encoder's, or both")
+    adapters.add_argument("--lora_convolutions", action="store_true",
+                          help="also train the UNet's ResBlock and sampler convolutions (LoCon)")
+    adapters.add_argument("--embedding", metavar="NAME", help="train a textual-inversion embedding used by this name")
+    adapters.add_argument("--embedding_vectors", type=int, default=1, help="the embedding's token vectors")
+    adapters.add_argument("--init_word", default="*", help="the embedding starts from this word's token vectors")
     options = parser.parse_args(argv)
     if options.devices.isdigit():
         options.devices = int(options.devices)

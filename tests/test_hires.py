@@ -166,3 +166,21 @@ def test_cli_makes_the_final_size_and_refuses_before_loading(tmp_path):
     with Image.open(tmp_path / "out" / "samples" / "00000.png") as image:
         assert image.size == (2 * SIZE, 2 * SIZE)
         assert "Hires upscale: 2, Hires upscaler: Lanczos" in image.text["parameters"]
+
+
+def test_hires_prompt_tags_are_taken_out_and_its_and_parts_read(loaded, tmp_path, monkeypatch):
+    """The second pass's text never holds a <lora:...> tag; "a AND b" there is two parts, as in the first pass."""
+    from ldm.generate import conditioning
+
+    encoded = []
+    real_encode = conditioning.Conditioner.encode_group
+
+    def spy(conditioner, texts):
+        encoded.extend(texts)
+        return real_encode(conditioner, texts)
+
+    monkeypatch.setattr(conditioning.Conditioner, "encode_group", spy)
+    settings = HiresSettings(scale=2.0, steps=2, prompt="a red square <lora:style:0.5> AND a blue circle")
+    hires_run(loaded, tmp_path, settings, monkeypatch)
+    assert "a red square" in encoded and "a blue circle" in encoded
+    assert not any("<lora" in text or "AND" in text for text in encoded)

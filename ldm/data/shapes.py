@@ -251,7 +251,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``image_key``: float32 HWC array in [-1, 1] (CompVis convention; the
     model's ``get_input`` permutes to BCHW), ``caption_key``: str, and
     ``"attrs"``: the scene description from ``sample_attrs``.
+
+    Variants, for training a LoRA or an embedding that changes or adds a meaning (all default to none):
+    ``drawn_as`` {shape: shape}: the caption names the first, the picture shows the second (``attrs``
+    describe the picture); ``caption_words`` {word: new word}: captions write the new word for that
+    attribute value (a colour word for an embedding, say); ``require`` {attribute: value}: only scenes
+    with these attributes (drawn again from the item's generator until one fits).
     """
+
+    MAX_DRAWS = 1000  # for ``require``: a fitting scene comes within a few dozen draws when one can
 
     def __init__(
         self,
@@ -261,9 +269,22 @@ class ShapesDataset(torch.utils.data.Dataset):
         resolution=64,
         image_key="image",
         caption_key="caption",
+        drawn_as=None,
+        caption_words=None,
+        require=None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.drawn_as = dict(drawn_as or {})
+        self.caption_words = dict(caption_words or {})
+        self.require = dict(require or {})
+        for shape in (*self.drawn_as, *self.drawn_as.values()):
+            if shape not in SHAPES:
+                raise ValueError(f"drawn_as: {shape!r} is not one of the shapes {SHAPES}")
+        vocabulary = {"shape": SHAPES, "color": COLORS, "background": COLORS, "size": SIZES, "position": POSITIONS}
+        for name, value in self.require.items():
+            if value not in vocabulary.get(name, ()):
+                raise ValueError(f"require: {name}={value!r} is not an attribute value ({', '.join(vocabulary)})")
         self.size = size
         self.split = split
         self.seed = seed
@@ -283,7 +304,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         rng = self.rng_for(index)
-        attrs = sample_attrs(rng, self.split)
+        attrs = self.draw(rng)
         caption = caption_for(attrs, rng)
+        for word, new_word in self.caption_words.items():
+            caption = _fix_articles(re.sub(rf"\b{re.escape(word)}\b", new_word, caption))
+        attrs = {**attrs, "shape": self.drawn_as.get(attrs["shape"], attrs["shape"])}
         image = render(attrs, self.resolution).astype(np.float32) / 127.5 - 1.0
         return {self.image_key: image, self.caption_key: caption, "attrs": attrs}
+
+    def draw(self, rng):
+        for _ in range(self.MAX_DRAWS):
+            attrs = sample_attrs(rng, self.split)
+            if all(attrs[name] == value for name, value in self.require.items()):
+                return attrs
+        raise ValueError(f"no scene of the {self.split!r} split has {self.require} (held-out combination?)")

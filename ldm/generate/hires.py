@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from ldm.generate.errors import UserError
+from ldm.generate.extra_networks import parse_prompt
 from ldm.generate.img2img import noised_start
 from ldm.generate.rng import ImageNoise
 from ldm.generate.run import BatchInputs, Start, decode
@@ -223,11 +224,15 @@ class SecondPass:
         self.settings, self.sizes, self.batch = settings, sizes, batch
 
     def conditioning(self):
+        """The hires prompts' conditioning (AND parts read, as the first pass's); their <lora:...> tags are taken
+        out of the text, and the first pass's LoRAs stay applied (A1111 switches to the hires prompt's set)."""
         batch, settings = self.batch, self.settings
-        cond = batch.condition([settings.prompt] * batch.size) if settings.prompt else batch.cond
+        cond = batch.cond
+        if settings.prompt:
+            cond = batch.condition([parse_prompt(settings.prompt).text] * batch.size, composable=True)
         if batch.uncond is None or not settings.negative_prompt:
             return cond, batch.uncond
-        return cond, batch.condition([settings.negative_prompt] * batch.size)
+        return cond, batch.condition([parse_prompt(settings.negative_prompt).text] * batch.size)
 
     def __call__(self, latents: torch.Tensor, sampled) -> torch.Tensor:
         batch, settings, job = self.batch, self.settings, self.batch.job
