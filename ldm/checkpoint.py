@@ -324,10 +324,14 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     vae: None, or an ldm.vae_file.VaeFile whose weights replace the checkpoint's autoencoder (--vae).
     Returns a LoadResult: the model in eval mode, the OmegaConf config actually used, the file as loaded.
     """
-    state_dict, _ = read_checkpoint(ckpt_path)  # the metadata is not used: no config is read from a checkpoint
-    checkpoint = CheckpointFile(ckpt_path)  # its size and date as loaded, checked again once all is placed
     config_was_guessed = not config_path
-    config_path = Path(config_path) if config_path else find_config(ckpt_path, state_dict)
+    if Path(ckpt_path).is_dir():
+        from ldm.diffusers_folder import read_diffusers_folder  # it reads each file with read_checkpoint
+        state_dict, config_path, checkpoint = read_diffusers_folder(ckpt_path, config_path)
+    else:
+        state_dict, _ = read_checkpoint(ckpt_path)  # the metadata is not used: no config is read from a checkpoint
+        checkpoint = CheckpointFile(ckpt_path)  # its size and date as loaded, checked again once all is placed
+        config_path = Path(config_path) if config_path else find_config(ckpt_path, state_dict)
     if not config_path.is_file():
         raise CheckpointError(f"config not found: {config_path} (pass --config with the path of a model YAML)")
     try:

@@ -353,13 +353,24 @@ def test_weights_scale_the_tokens_outputs(model):
 
 
 def test_original_emphasis_restores_the_mean(model):
-    plain = encode(model, ["a red circle"])
-    original = encode(model, ["a (red:1.5) [circle]"])
+    unshifted = encode(model, ["a red circle"])
+    plain = unshifted + 0.5  # an output with a mean well away from zero, as CLIP's
+    multipliers = torch.tensor([[1.0, 1.0, 1.5, DOWN] + [1.0] * 73])
+    original = apply_emphasis(plain, multipliers, "original")
     assert torch.allclose(original.mean(), plain.mean(), rtol=1e-5, atol=1e-7)
-    rescale = plain.mean() / (plain * torch.tensor([1.0, 1.0, 1.5, DOWN] + [1.0] * 73)[:, None]).mean()
+    rescale = plain.mean() / (plain * multipliers[0][:, None]).mean()
     assert torch.allclose(original[0, 2], plain[0, 2] * 1.5 * rescale, rtol=1e-5)
     assert torch.allclose(original[0, 5], plain[0, 5] * rescale, rtol=1e-5)  # every token rescaled
-    assert torch.equal(encode(model, ["a (red:1.5) [circle]"], emphasis="ignore"), plain)
+    assert torch.equal(encode(model, ["a (red:1.5) [circle]"], emphasis="ignore"), unshifted)
+
+
+def test_original_emphasis_leaves_a_mean_of_about_zero_alone(model):
+    """The tiny encoder's bias-free final norm averages to ~1e-8: dividing by it would scale the chunk at random."""
+    plain = encode(model, ["a red circle"])
+    assert plain.mean().abs() < 1e-6 * plain.abs().mean()
+    weighted = encode(model, ["a (red:1.5) circle"])
+    assert torch.equal(weighted, encode(model, ["a (red:1.5) circle"], emphasis="no norm"))
+    assert torch.isfinite(weighted).all() and weighted.abs().max() < 10 * plain.abs().max()
 
 
 def test_the_mean_is_restored_over_the_whole_batch_as_a1111_does():

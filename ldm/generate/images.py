@@ -158,10 +158,14 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def image_tensor(image: Image.Image, multiple: int = 8, name: str = "the picture", log=print) -> torch.Tensor:
+    """A decoded picture as a [1, 3, H, W] tensor in [-1, 1], H and W multiples of `multiple`."""
+    return to_tensor(fit_to_multiple(to_rgb(image), multiple, name, log))
+
+
 def load_image(path, multiple: int = 8, flag: str = "--init-img", log=print, limits: Limits = Limits()) -> torch.Tensor:
-    """An input picture as a [1, 3, H, W] tensor in [-1, 1], H and W multiples of `multiple`."""
-    image = fit_to_multiple(to_rgb(open_image(path, flag, limits, log)), multiple, Path(path).name, log)
-    return to_tensor(image)
+    """An input picture file as image_tensor makes it."""
+    return image_tensor(open_image(path, flag, limits, log), multiple, Path(path).name, log)
 
 
 def load_image_and_mask(image_path, mask_path, multiple: int = 8, log=print,
@@ -174,16 +178,22 @@ def load_image_and_mask(image_path, mask_path, multiple: int = 8, log=print,
     be meant for it and is refused; an all-black mask (nothing to repaint) too.
     """
     image, mask = open_image(image_path, "--init-img", limits, log), open_image(mask_path, "--mask", limits, log)
+    return image_and_mask_tensors(image, mask, Path(image_path).name, Path(mask_path).name, multiple, log)
+
+
+def image_and_mask_tensors(image: Image.Image, mask: Image.Image, image_name: str, mask_name: str, multiple: int = 8,
+                           log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """load_image_and_mask of decoded pictures."""
     image_aspect, mask_aspect = image.width / image.height, mask.width / mask.height
     if abs(mask_aspect / image_aspect - 1.0) > ASPECT_TOLERANCE:
-        raise UserError(f"--mask {Path(mask_path).name} is {mask.width}x{mask.height} but --init-img is "
+        raise UserError(f"--mask {mask_name} is {mask.width}x{mask.height} but --init-img is "
                         f"{image.width}x{image.height}: the mask must have the picture's shape (it is resized, not cropped)")
-    image = fit_to_multiple(to_rgb(image), multiple, Path(image_path).name, log)
+    image = fit_to_multiple(to_rgb(image), multiple, image_name, log)
     grey = to_rgb(mask, background=(0, 0, 0)).convert("L")
     if grey.size != image.size:
         grey = grey.resize(image.size, resample=Image.BILINEAR)
     binary = (np.asarray(grey, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
     if not binary.any():
-        raise UserError(f"--mask {Path(mask_path).name} is black everywhere: nothing to repaint "
+        raise UserError(f"--mask {mask_name} is black everywhere: nothing to repaint "
                         "(white marks what to repaint)")
     return to_tensor(image), torch.from_numpy(binary)[None, None]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
+from ldm.diffusers_folder import find_in_hub_cache, hashed_file, looks_like_hub_id, model_name
 from ldm.placement import CheckpointChanged, CheckpointFile, OneComponentAtATime, libc, resolve_dtype
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
@@ -87,7 +88,15 @@ def keep_freed_memory_for_reuse() -> bool:
 
 
 def resolve_checkpoint(ckpt: str | None, log=print) -> Path:
-    """--ckpt as given; without it the SD 1.x default path, or our embedded model when that holds nothing."""
+    """--ckpt as given (a file, a diffusers folder, or a hub id found in the local Hugging Face cache); without
+    it the SD 1.x default path, or our embedded model when that holds nothing."""
+    if ckpt and looks_like_hub_id(ckpt):
+        try:
+            snapshot = find_in_hub_cache(ckpt)
+        except CheckpointError as error:
+            raise UserError(str(error)) from None
+        log(f"{ckpt}: the diffusers folder {snapshot} in the local Hugging Face cache")
+        return snapshot
     if ckpt:
         return Path(ckpt)
     if SD1_DEFAULT_CKPT.is_file():
@@ -120,6 +129,8 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        if self.ckpt_path.is_dir():
+            return model_name(self.ckpt_path)
         return self.ckpt_path.stem if self.ckpt_path.stem != "model" else self.ckpt_path.parent.name
 
     @property
@@ -130,7 +141,7 @@ class LoadedModel:
             with changed_file_as_user_error():
                 if self.checkpoint is not None:
                     self.checkpoint.ensure_unchanged(at_path=True)
-                digest = model_hash(self.ckpt_path)
+                digest = model_hash(hashed_file(self.ckpt_path))
                 if self.checkpoint is not None:
                     self.checkpoint.ensure_unchanged(at_path=True)
             self._hash = digest

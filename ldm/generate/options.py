@@ -318,18 +318,27 @@ def run_cli(main, interrupted="interrupted by Ctrl-C before sampling started: no
         sys.exit(130)
 
 
-def prepare_output(args):
-    """The checks every script makes before loading anything: sampling options, prompts, output folder.
+def prepare_run(args, batches: list | None = None, log=print):
+    """The checks every run makes before loading anything: sampling options, prompts, LoRAs, seeds.
 
-    Returns (sampler, prompt batches, output folder); the folder can be written and is created only by the
-    first file saved, so a run that fails before leaves no empty folders.
+    Returns (sampler, prompt batches); batches: the caller's own (the Python API's), None for --prompt's or
+    --from-file's.
     """
     check_sampling_arguments(args)
     sampler = chosen_sampler(args)
-    batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
-    args.lora_networks = PromptNetworks.from_args(args)
+    if batches is None:
+        batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
+    args.lora_networks = PromptNetworks.from_args(args, log)
     args.lora_networks.check(batches, args.negative_prompt)  # a missing or bad LoRA: before loading the model
     check_seed_range(args, args.n_iter * sum(len(batch) for batch in batches))
+    return sampler, batches
+
+
+def prepare_output(args):
+    """prepare_run, and the output folder: returns (sampler, prompt batches, output folder); the folder can
+    be written and is created only by the first file saved, so a run that fails before leaves no empty folders.
+    """
+    sampler, batches = prepare_run(args)
     folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
     folder.check_writable()
     return sampler, batches, folder

@@ -212,15 +212,18 @@ def tiling_message(latent_shape, factor: int) -> str:
             f"(outputs over {DECODE_TILED_ABOVE_PIXELS // 1024}x1024 pixels are tiled to bound memory)")
 
 
-def run(job: Job, task: Task, loaded, folder: OutputFolder, log=print, stop: StopFlag | None = None) -> RunReport:
-    return _Run(job, task, loaded, folder, log, stop or StopFlag()).all_batches()
+def run(job: Job, task: Task, loaded, folder: OutputFolder, log=print, stop: StopFlag | None = None,
+        preview: Callable | None = None) -> RunReport:
+    """preview(info): called after every sampling step with the sampler's info (i, total, t, x, x0)."""
+    return _Run(job, task, loaded, folder, log, stop or StopFlag(), preview).all_batches()
 
 
 class _Run:
     """One run's state: the generator, the conditioning cache, the report and the grid's pictures."""
 
-    def __init__(self, job, task, loaded, folder, log, stop):
+    def __init__(self, job, task, loaded, folder, log, stop, preview=None):
         self.job, self.task, self.loaded, self.folder, self.log, self.stop = job, task, loaded, folder, log, stop
+        self.preview = preview
         self.seeds = RunSeeds.resolve(job.seed, job.subseed, job.subseed_strength)
         for flag, asked, real in (("--seed", job.seed, self.seeds.seed), ("--subseed", job.subseed, self.seeds.subseed)):
             if asked == -1 and real is not None:
@@ -311,7 +314,8 @@ class _Run:
         with progress_bar(steps - start.skip_steps, label) as bar:
             return sample(job.sampler, denoiser, latents, steps, skip_steps=start.skip_steps, eta=job.eta,
                           sampler_options=job.sampler_options, quantize=job.quantize, schedule=job.schedule,
-                          noise_source=self.noise.source, callback=step_callback(bar, self.stop), blend=start.blend)
+                          noise_source=self.noise.source, callback=step_callback(bar, self.stop, self.preview),
+                          blend=start.blend)
 
     def save(self, image, decoded_image, prompt, label, batch_size, position):
         """One picture: refused if its decode is NaN (the rest of the batch goes on), else watermarked and saved."""

@@ -23,6 +23,7 @@ from ldm.modules.prompt_syntax import BREAK_PIECE, parse_attention
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; + start and end = CLIP's 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+MEAN_NEAR_ZERO = 1e-3  # |mean| / mean |value| below which "original" emphasis keeps its hands off the mean
 
 # A1111's emphasis modes: "original" weights then restores the mean, "no norm" only weights,
 # "ignore" parses the brackets but weights nothing, "none" reads brackets as plain text.
@@ -196,7 +197,7 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str) ->
     """One chunk's encoder output [B, 77, width] weighted per token ([B, 77]).
 
     "original": after weighting, the output is scaled back to the mean it had before, over the whole
-    batch as A1111 computes it. All-ones weights leave ``z`` untouched (A1111's arithmetic would give
+    batch as A1111 computes it (unless either mean is about zero, see _mean_near_zero). All-ones weights leave ``z`` untouched (A1111's arithmetic would give
     the same values: z * 1 * (m / m)). The weighting is done in float32 and cast back to z's dtype.
     """
     check_emphasis(emphasis)
@@ -204,9 +205,16 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, emphasis: str) ->
         return z
     z32 = z.float()
     weighted = z32 * multipliers.to(device=z.device, dtype=torch.float32).unsqueeze(-1)
-    if emphasis == "original":
+    if emphasis == "original" and not _mean_near_zero(z32) and not _mean_near_zero(weighted):
         weighted = weighted * (z32.mean() / weighted.mean())
     return weighted.to(z.dtype)
+
+
+def _mean_near_zero(z: torch.Tensor) -> bool:
+    """Where an encoder's output averages to about nothing (a bias-free final layer norm, as in small random
+    models), "restoring the mean" divides by about zero and scales the whole chunk by an arbitrary factor:
+    then the weights apply without it. CLIP's outputs are far from that, so A1111's arithmetic stands."""
+    return bool(z.mean().abs() <= MEAN_NEAR_ZERO * z.abs().mean())
 
 
 def encode_weighted(
