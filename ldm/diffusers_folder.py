@@ -43,7 +43,7 @@ def hub_cache() -> Path:
 
 def looks_like_hub_id(name: str) -> bool:
     """`org/name` that names no file or folder here: a Hugging Face model id."""
-    return bool(HUB_ID.match(name)) and not Path(name).exists()
+    return bool(HUB_ID.match(str(name))) and not Path(name).exists()
 
 
 def find_in_hub_cache(hub_id: str) -> Path:
