@@ -68,16 +68,9 @@ def _header_length_fits(head: bytes, size: int) -> bool:
 
 
 def _read_pickle_checkpoint(path: Path, mmap: bool):
-    try:
-        with _lightning_placeholders():
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise CheckpointError(f"refusing to load {path}: it holds objects that would run code when unpickled "
-                              f"({reason[:160]}); use a .safetensors file or a checkpoint from a trusted source") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(error).splitlines()[0][:120]}): "
-                              "download or copy it again") from None
+    with _lightning_placeholders():
+        obj = load_pickle_weights(path, CheckpointError, str(path), "use a .safetensors file or a checkpoint from "
+                                  "a trusted source", f"checkpoint {path}", "download or copy it again", mmap=mmap)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     state_dict = obj.get("state_dict", obj)
@@ -87,6 +80,21 @@ def _read_pickle_checkpoint(path: Path, mmap: bool):
     if isinstance(obj.get("global_step"), int):
         metadata["global_step"] = obj["global_step"]
     return state_dict, metadata
+
+
+def load_pickle_weights(path, error: type, refused: str, instead: str, damaged: str, again: str, mmap=False,
+                        also_corrupt: tuple = ()):
+    """`torch.load(weights_only=True)`, its failures raised as `error` in one line: "refusing to load
+    {refused}: ... ; {instead}" for a pickle that would run code, "{damaged} is truncated or corrupt (...):
+    {again}" for a damaged file (`also_corrupt`: more exception types that mean one)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exception:
+        reason = str(exception).strip().splitlines()[0][:160] if str(exception).strip() else "unsafe content"
+        raise error(f"refusing to load {refused}: it holds objects that would run code when unpickled "
+                    f"({reason}); {instead}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, *also_corrupt) as exception:
+        raise error(f"{damaged} is truncated or corrupt ({str(exception).splitlines()[0][:120]}): {again}") from None
 
 
 @contextmanager

@@ -38,3 +38,10 @@ def tiny():
     from tiny_model import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def clip_tiny(tmp_path_factory):
+    """A tiny UNet and VAE with SD 1.x's CLIP text encoder: (its diffusers folder, config path, original weights)."""
+    from helpers import build_clip_tiny
+    return build_clip_tiny(tmp_path_factory.mktemp("clip-tiny"))

@@ -8,6 +8,7 @@ Tiny models and checkpoints themselves stay in tiny_model.py (one job per module
 conftest.py.
 """
 import importlib.util
+import json
 import inspect
 import math
 import os
@@ -24,10 +25,12 @@ from torch import nn
 
 from conftest import REPO
 from ldm.checkpoint import parameters_on_meta
+from ldm.diffusers_folder import CLIP_PREFIX
 from ldm.generate.loading import LoadedModel
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.k_sampling import ModelSigmas
 from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.encoders.modules import VIT_L_14_TEXT_CONFIG
 from ldm.util import instantiate_from_config
 from tiny_model import TINY_CONFIG, tiny_model
 
@@ -305,3 +308,60 @@ def run_theirs(kd_sampling, name, model, x, sigmas, seed=5, **extra):
             options["n"] = len(sigmas) - 1
         return function(model, x, disable=True, **options, **extra)
     return function(model, x, sigmas, disable=True, **options, **extra)
+
+
+# --- diffusers pipeline folders, as diffusers writes them -----------------------------------------------------------
+CLIP_CONFIG = {k: v for k, v in VIT_L_14_TEXT_CONFIG.items() if k not in ("vocab_size", "max_position_embeddings")}
+
+
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def write_pipeline_files(folder, pipeline="StableDiffusionPipeline", prediction_type="epsilon"):
+    write_json(folder / "model_index.json", {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"]})
+    write_json(folder / "scheduler" / "scheduler_config.json",
+               {"_class_name": "PNDMScheduler", "prediction_type": prediction_type})
+
+
+def write_folder(folder, config_path, original: dict, text_encoder=True, variant=None, vae_pickled=False):
+    """The diffusers folder of `original` as diffusers writes it: its own conversion, then save_pretrained."""
+    unet, vae = diffusers_models(config_path, original)
+    if variant == "fp16":
+        unet, vae = unet.half(), vae.half()
+    unet.save_pretrained(folder / "unet", variant=variant)
+    vae.save_pretrained(folder / "vae", variant=variant, safe_serialization=not vae_pickled)
+    if text_encoder:
+        clip = {k.removeprefix(CLIP_PREFIX): v for k, v in original.items()
+                if k.startswith(CLIP_PREFIX) and not k.endswith("position_ids")}
+        clip_model = build_reference_clip(clip, **CLIP_CONFIG)
+        (clip_model.half() if variant == "fp16" else clip_model).save_pretrained(folder / "text_encoder", variant=variant)
+    write_pipeline_files(folder)
+    return folder
+
+
+def assert_same_weights(ours: dict, original: dict, prefixes):
+    """Every tensor of `original` under `prefixes` is in `ours` with the same dtype and bits, and no other."""
+    expected = {k: v for k, v in original.items() if k.startswith(prefixes) and not k.endswith("position_ids")}
+    got = {k: v for k, v in ours.items() if k.startswith(prefixes)}
+    assert sorted(got) == sorted(expected)
+    different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
+    assert different == []
+
+
+def build_clip_tiny(folder):
+    """A tiny UNet and VAE with SD 1.x's CLIP text encoder (so that a whole pipeline folder loads): (its
+    diffusers folder, its config path, its original weights)."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.context_dim = 768
+    config.model.params.cond_stage_config = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    config_path = folder / "clip-tiny.yaml"
+    OmegaConf.save(config, config_path)
+    torch.manual_seed(4)
+    original = {k: v.contiguous() for k, v in instantiate_from_config(config.model).state_dict().items()}
+    with torch.no_grad():  # the zero-initialised output layers would compare zeros with zeros
+        for key, tensor in original.items():
+            if tensor.is_floating_point() and tensor.ndim > 1 and not tensor.any():
+                tensor.normal_(0, 0.02)
+    return write_folder(folder / "pipe", config_path, original), config_path, original

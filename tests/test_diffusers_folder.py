@@ -4,61 +4,21 @@ The folders are written by diffusers and transformers themselves (save_pretraine
 own conversion builds from an original-layout checkpoint), so reading them back must give the original
 weights, key for key and bit for bit.
 """
-import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import REPO
-from helpers import build_reference_clip, diffusers_models, meta_state_dict, random_state_dict, run_script
+from helpers import (assert_same_weights, meta_state_dict, random_state_dict, run_script, write_folder, write_json,
+                     write_pipeline_files)
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.diffusers_folder import CLIP_PREFIX, choose_config, read_diffusers_folder
+from ldm.diffusers_folder import choose_config, read_diffusers_folder
 from ldm.generate.errors import UserError
 from ldm.generate.loading import resolve_checkpoint
-from ldm.modules.encoders.modules import VIT_L_14_TEXT_CONFIG
-from ldm.util import instantiate_from_config
 from tiny_model import TINY_CONFIG, tiny_model
 
 V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
-CLIP_CONFIG = {k: v for k, v in VIT_L_14_TEXT_CONFIG.items() if k not in ("vocab_size", "max_position_embeddings")}
 UNET_AND_VAE = ("model.diffusion_model.", "first_stage_model.")
-
-
-def write_json(path, value):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-
-
-def write_pipeline_files(folder, pipeline="StableDiffusionPipeline", prediction_type="epsilon"):
-    write_json(folder / "model_index.json", {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"]})
-    write_json(folder / "scheduler" / "scheduler_config.json",
-               {"_class_name": "PNDMScheduler", "prediction_type": prediction_type})
-
-
-def write_folder(folder, config_path, original: dict, text_encoder=True, variant=None, vae_pickled=False):
-    """The diffusers folder of `original` as diffusers writes it: its own conversion, then save_pretrained."""
-    unet, vae = diffusers_models(config_path, original)
-    if variant == "fp16":
-        unet, vae = unet.half(), vae.half()
-    unet.save_pretrained(folder / "unet", variant=variant)
-    vae.save_pretrained(folder / "vae", variant=variant, safe_serialization=not vae_pickled)
-    if text_encoder:
-        clip = {k.removeprefix(CLIP_PREFIX): v for k, v in original.items()
-                if k.startswith(CLIP_PREFIX) and not k.endswith("position_ids")}
-        clip_model = build_reference_clip(clip, **CLIP_CONFIG)
-        (clip_model.half() if variant == "fp16" else clip_model).save_pretrained(folder / "text_encoder", variant=variant)
-    write_pipeline_files(folder)
-    return folder
-
-
-def assert_same_weights(ours: dict, original: dict, prefixes):
-    """Every tensor of `original` under `prefixes` is in `ours` with the same dtype and bits, and no other."""
-    expected = {k: v for k, v in original.items() if k.startswith(prefixes) and not k.endswith("position_ids")}
-    got = {k: v for k, v in ours.items() if k.startswith(prefixes)}
-    assert sorted(got) == sorted(expected)
-    different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
-    assert different == []
 
 
 @pytest.fixture(scope="module")
@@ -87,25 +47,6 @@ def read_unet_and_vae(folder):
         state_dict.update(convert(weights))
         paths += files
     return state_dict, paths
-
-
-@pytest.fixture(scope="module")
-def clip_tiny(tmp_path_factory):
-    """A tiny UNet and VAE with SD 1.x's CLIP text encoder (so that a whole pipeline folder loads), its
-    original weights and its diffusers folder."""
-    folder = tmp_path_factory.mktemp("clip-tiny")
-    config = OmegaConf.load(TINY_CONFIG)
-    config.model.params.unet_config.params.context_dim = 768
-    config.model.params.cond_stage_config = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-    config_path = folder / "clip-tiny.yaml"
-    OmegaConf.save(config, config_path)
-    torch.manual_seed(4)
-    original = {k: v.contiguous() for k, v in instantiate_from_config(config.model).state_dict().items()}
-    with torch.no_grad():  # the zero-initialised output layers would compare zeros with zeros
-        for key, tensor in original.items():
-            if tensor.is_floating_point() and tensor.ndim > 1 and not tensor.any():
-                tensor.normal_(0, 0.02)
-    return write_folder(folder / "pipe", config_path, original), config_path, original
 
 
 def test_a_pipeline_folder_loads_to_the_original_weights(clip_tiny):

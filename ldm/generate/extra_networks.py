@@ -15,13 +15,13 @@ batch has one set), its negative prompt's and --lora's. Every file the run names
 is loaded: a missing name or bad file is one line and exit 2, or, with --skip_bad_lora, a line and the run
 goes on without it.
 """
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.generate.errors import UserError
+from ldm.generate.output import file_sha256
 from ldm.modules.lora import LoraError, LoraPatcher, read_lora
 from ldm.safetensors_reader import SafetensorsError, read_header
 
@@ -120,14 +120,11 @@ def lora_short_hash(path: Path, metadata: dict | None = None) -> str:
     recorded = (metadata or {}).get("sshs_model_hash")
     if recorded:
         return str(recorded)[:SHORT_HASH_DIGITS]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        if path.suffix.lower() == ".safetensors":
-            header_length = int.from_bytes(file.read(8), "little")
-            file.seek(8 + header_length)
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:SHORT_HASH_DIGITS]
+    start = 0
+    if path.suffix.lower() == ".safetensors":
+        with open(path, "rb") as file:
+            start = 8 + int.from_bytes(file.read(8), "little")
+    return file_sha256(path, start)[:SHORT_HASH_DIGITS]
 
 
 def _metadata(path: Path) -> dict:

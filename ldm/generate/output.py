@@ -73,6 +73,16 @@ def infotext(prompt: str, negative_prompt: str, fields: dict) -> str:
     return "\n".join(lines)
 
 
+def file_sha256(path, start: int = 0) -> str:
+    """The sha256 (hex) of the file's bytes from offset `start` to its end."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_hash(path) -> str:
     """First 10 hex digits of the file's sha256 (A1111's "Model hash"), cached by path, size and mtime."""
     path = Path(path).resolve()
@@ -84,11 +94,7 @@ def model_hash(path) -> str:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        cache[key] = digest.hexdigest()
+        cache[key] = file_sha256(path)
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write_bytes(cache_file, json.dumps(cache).encode())

@@ -18,10 +18,7 @@ SD 1.x model, say) is skipped with one line, as A1111 skips it.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,6 +26,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ldm.checkpoint import load_pickle_weights
+from ldm.generate.output import file_sha256
 from ldm.modules.encoders.tokenizer import VOCAB_SIZE, get_tokenizer
 from ldm.safetensors_reader import SafetensorsError, read_safetensors
 
@@ -65,15 +64,9 @@ class Embedding:
 def _load_pickle(path: Path):
     if path.stat().st_size == 0:
         raise EmbeddingError(f"embedding {path} is empty (0 bytes): download or copy it again, or remove it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "unsafe content"
-        raise EmbeddingError(f"refusing to load embedding {path}: it holds objects that would run code when "
-                             f"unpickled ({reason}); use a .safetensors embedding or remove the file") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise EmbeddingError(f"embedding {path} is truncated or corrupt ({str(error).splitlines()[0][:120]}): "
-                             "download or copy it again, or remove it") from None
+    return load_pickle_weights(path, EmbeddingError, f"embedding {path}", "use a .safetensors embedding or remove "
+                               "the file", f"embedding {path}", "download or copy it again, or remove it",
+                               also_corrupt=(ValueError,))
 
 
 def read_embedding_data(path) -> object:
@@ -114,14 +107,6 @@ def vectors_of(data, path) -> torch.Tensor:
     if not torch.isfinite(vectors).all():
         raise EmbeddingError(f"embedding {path} holds NaN or infinite values: download it again, or remove it")
     return vectors
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_embedding(path, vector_size: int | None = None) -> Embedding:

@@ -13,15 +13,14 @@ as they were, so that restoring is exact. Nothing in a file runs code: .safetens
 pickles with torch.load(weights_only=True).
 """
 import json
-import pickle
 import weakref
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ldm.checkpoint import load_pickle_weights
 from ldm.modules.lora_keys import KOHYA_TEXT, canonical_name, lora_targets
 from ldm.safetensors_reader import SafetensorsError, read_safetensors
 
@@ -152,15 +151,8 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            reason = (str(error).strip().splitlines() or ["unsafe content"])[0][:160]
-            raise LoraError(f"refusing to load LoRA file {path}: it holds objects that would run code when "
-                            f"unpickled ({reason}); use a .safetensors file or one from a trusted source") from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-            raise LoraError(f"LoRA file {path} is truncated or corrupt ({str(error).splitlines()[0][:120]}): "
-                            "download or copy it again") from None
+        obj = load_pickle_weights(path, LoraError, f"LoRA file {path}", "use a .safetensors file or one from a "
+                                  "trusted source", f"LoRA file {path}", "download or copy it again")
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise LoraError(f"LoRA file {path} does not hold a dictionary of tensors: pass a LoRA file")
         return obj, {}
