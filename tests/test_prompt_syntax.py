@@ -15,7 +15,6 @@ from ldm.modules.prompt_encoding import (
     CHUNK_LENGTH,
     EmbeddingFix,
     apply_emphasis,
-    chunk_encoder,
     chunk_pieces,
     encode_weighted,
     pad_chunk_lists,
@@ -326,7 +325,7 @@ def encode(model, prompts, emphasis="original"):
     encoder = model.cond_stage_model
     chunk_lists = [prompt_chunks(prompt, encoder.pad_token, emphasis)[0] for prompt in prompts]
     with torch.no_grad():
-        return encode_weighted(chunk_encoder(encoder), pad_chunk_lists(chunk_lists, encoder.pad_token), emphasis)
+        return encode_weighted(encoder.encode_tokens, pad_chunk_lists(chunk_lists, encoder.pad_token), emphasis)
 
 
 def test_a_plain_prompt_gives_exactly_todays_conditioning(model):
@@ -383,7 +382,7 @@ def test_the_mean_is_restored_over_the_whole_batch_as_a1111_does():
 
 def test_the_encoder_adapter_places_embedding_vectors(model):
     encoder = model.cond_stage_model
-    encode_chunk = chunk_encoder(encoder)
+    encode_chunk = encoder.encode_tokens
     tokens = torch.tensor([prompt_chunks("a red", SD1_PAD_TOKEN)[0][0].tokens])
     swapped = torch.tensor([prompt_chunks("a blue", SD1_PAD_TOKEN)[0][0].tokens])
 

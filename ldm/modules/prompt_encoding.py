@@ -238,9 +238,3 @@ def encode_weighted(
         multipliers = torch.tensor([chunk.multipliers for chunk in column], dtype=torch.float32)
         outputs.append(apply_emphasis(z, multipliers, emphasis))
     return torch.cat(outputs, dim=1)
-
-
-def chunk_encoder(text_encoder: torch.nn.Module) -> EncodeChunk:
-    """``encode_chunk`` for this project's text encoders (``ldm.modules.encoders.modules.TextEncoder``):
-    their ``encode_tokens``, which places textual-inversion vectors too."""
-    return text_encoder.encode_tokens
