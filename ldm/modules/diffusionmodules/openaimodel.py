@@ -1,8 +1,11 @@
-"""The denoising UNet of Stable Diffusion 1.x and 2.x, readable top to bottom.
+"""The denoising UNet of Stable Diffusion 1.x, 2.x and XL, readable top to bottom.
 
 Timestep embedding -> input blocks (ResBlock [+ SpatialTransformer], downsample between levels) ->
 middle block -> output blocks (skip concatenation, ResBlock [+ SpatialTransformer], upsample) -> out.
 Module and parameter names match the original checkpoints (input_blocks.N.M, in_layers, emb_layers...).
+A vector condition (the x4 upscaler's noise level as a class id; unCLIP's image embedding and SDXL's pooled
+text and size embeddings through `label_emb`) is added to the time embedding; a ControlNet's residuals are
+added to the middle block's output and to each skip connection.
 """
 import torch
 import torch.nn.functional as F
@@ -95,11 +98,13 @@ class UNetModel(nn.Module):
         num_heads=-1,
         num_head_channels=-1,
         transformer_depth=1,
+        transformer_depth_middle=None,
         context_dim=None,
         use_linear_in_transformer=False,
         disable_self_attentions=None,
         disable_middle_self_attn=False,
         num_classes=None,
+        adm_in_channels=None,
         legacy=True,
         use_checkpoint=False,
         use_spatial_transformer=True,
@@ -118,6 +123,16 @@ class UNetModel(nn.Module):
             raise ValueError("set either num_heads or num_head_channels")
         if isinstance(num_res_blocks, int):
             num_res_blocks = [num_res_blocks] * len(channel_mult)
+        if isinstance(transformer_depth, int):
+            transformer_depth = [transformer_depth] * len(channel_mult)
+        if len(transformer_depth) != len(channel_mult):
+            raise ValueError("transformer_depth needs one depth per level of channel_mult")
+        if transformer_depth_middle is None:
+            transformer_depth_middle = transformer_depth[-1]
+        if num_classes == "sequential" and adm_in_channels is None:
+            raise ValueError('num_classes "sequential" needs adm_in_channels, the size of the vector condition')
+        if num_classes is not None and num_classes != "sequential" and not isinstance(num_classes, int):
+            raise ValueError(f'num_classes is a number of classes or "sequential", not {num_classes!r}')
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels
         self.num_classes = num_classes
@@ -135,16 +150,19 @@ class UNetModel(nn.Module):
                 head_dim = channels // num_heads
             return heads, head_dim
 
-        def transformer(channels, disable_self_attn):
+        def transformer(channels, disable_self_attn, depth):
             heads, head_dim = attention_heads(channels)
-            return SpatialTransformer(channels, heads, head_dim, depth=transformer_depth, dropout=dropout,
+            return SpatialTransformer(channels, heads, head_dim, depth=depth, dropout=dropout,
                                       context_dim=context_dim, disable_self_attn=disable_self_attn,
                                       use_linear=use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
-        if num_classes is not None:
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
+        elif num_classes is not None:
             # The x4 upscaler feeds its noise level here as a class id.
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
@@ -156,8 +174,8 @@ class UNetModel(nn.Module):
             for _ in range(num_res_blocks[level]):
                 layers = [ResBlock(channels, time_embed_dim, dropout, out_channels=mult * model_channels)]
                 channels = mult * model_channels
-                if downsample_factor in attention_resolutions:
-                    layers.append(transformer(channels, no_self_attn))
+                if downsample_factor in attention_resolutions and transformer_depth[level]:
+                    layers.append(transformer(channels, no_self_attn, transformer_depth[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(channels)
             if level != len(channel_mult) - 1:
@@ -167,7 +185,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(channels, time_embed_dim, dropout),
-            transformer(channels, disable_middle_self_attn),
+            transformer(channels, disable_middle_self_attn, transformer_depth_middle),
             ResBlock(channels, time_embed_dim, dropout),
         )
 
@@ -177,8 +195,8 @@ class UNetModel(nn.Module):
             for i in range(num_res_blocks[level] + 1):
                 layers = [ResBlock(channels + skip_channels.pop(), time_embed_dim, dropout, out_channels=model_channels * mult)]
                 channels = model_channels * mult
-                if downsample_factor in attention_resolutions:
-                    layers.append(transformer(channels, no_self_attn))
+                if downsample_factor in attention_resolutions and transformer_depth[level]:
+                    layers.append(transformer(channels, no_self_attn, transformer_depth[level]))
                 if level and i == num_res_blocks[level]:
                     layers.append(Upsample(channels))
                     downsample_factor //= 2
@@ -193,14 +211,18 @@ class UNetModel(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x, timesteps, context=None, y=None):
-        """x [B, in_channels, H, W], timesteps [B], context [B, tokens, context_dim], y [B] class ids."""
+    def forward(self, x, timesteps, context=None, y=None, control=None):
+        """x [B, in_channels, H, W], timesteps [B], context [B, tokens, context_dim], y [B] class ids or
+        [B, adm_in_channels] vectors, control: a ControlNet's residuals, one per input block then the middle's."""
         if (y is not None) != (self.num_classes is not None):
-            raise ValueError("pass y (class ids) exactly when the model is class-conditional (num_classes set)")
+            raise ValueError("pass y exactly when the model takes a class or vector condition (num_classes set)")
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control needs {len(self.input_blocks) + 1} residuals (one per input block and "
+                             f"the middle block's), got {len(control)}")
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if y is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y if self.num_classes != "sequential" else y.to(dtype))
         h = x.to(dtype)
         context = None if context is None else context.to(dtype)
 
@@ -209,6 +231,9 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(h.dtype)
+            skips = [skip + residual.to(skip.dtype) for skip, residual in zip(skips, control[:-1])]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             next_skip_size = skips[-1].shape[-2:] if skips else None
