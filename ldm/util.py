@@ -26,6 +26,12 @@ CONFIG_ALIASES = {
     for name, module in (("LatentInpaintDiffusion", "ddpm_variants"), ("LatentUpscaleDiffusion", "ddpm_variants"),
                          ("LatentDepth2ImageDiffusion", "ddpm_depth"))
 }
+# The ControlNet repository's configs name its own module, cldm.cldm; its controlled UNet is ours, which takes control=.
+CONFIG_ALIASES.update({
+    "cldm.cldm.ControlLDM": "ldm.models.controlnet.ControlLDM",
+    "cldm.cldm.ControlNet": "ldm.models.controlnet.ControlNet",
+    "cldm.cldm.ControlledUnetModel": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+})
 
 TRUST_FLAG = "--trust_config"
 _configs_trusted = ContextVar("configs_trusted", default=False)
