@@ -262,8 +262,8 @@ def check_adapter_options(options) -> str:
 
 def train_adapter(options):
     """`scripts/train.py --lora_rank ...` or `--embedding ...`: returns (log dir, trainer)."""
-    from ldm.training import (DataModuleFromConfig, ProgressPrinter, TrainingWrapper, build_from_config,
-                              load_configs)
+    from ldm.training import (ProgressPrinter, RunFolder, TrainingWrapper, build_from_config, load_configs, say,
+                              training_strategy)
 
     kind = check_adapter_options(options)
     config = load_configs(options.base, options.overrides)
@@ -293,25 +293,30 @@ def train_adapter(options):
         embedding = TrainedEmbedding(options.embedding, vectors)
         adapter = AdapterTraining(model, [vectors], lambda texts: encode_with_embedding(encoder, list(texts), embedding))
         name = options.name or f"embedding-{options.embedding}"
-    print(f"{kind}: {sum(p.numel() for p in adapter.trainable_parameters())} parameters trained, the model's "
-          f"{sum(p.numel() for p in model.parameters() if not p.requires_grad) / 1e6:.2f} M frozen")
+    say(f"{kind}: {sum(p.numel() for p in adapter.trainable_parameters())} parameters trained, the model's "
+        f"{sum(p.numel() for p in model.parameters() if not p.requires_grad) / 1e6:.2f} M frozen")
 
     lr = config.model.get("base_learning_rate", 1e-4)
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    logdir = Path(options.logdir) / f"{stamp}_{name}"
-    wrapper = TrainingWrapper(adapter, lr)
+    run_folder = RunFolder(Path(options.logdir) / f"{stamp}_{name}")  # rank 0's name, on every rank
+    wrapper = TrainingWrapper(adapter, lr, seed=options.seed)
     datamodule = build_from_config(data_config)
-    logdir.mkdir(parents=True, exist_ok=True)
     every = config.get("training", {}).get("print_every_n_steps", 50)
     trainer = pl.Trainer(
-        accelerator=options.accelerator, devices=1, precision=options.precision, max_steps=options.max_steps,
+        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
+        strategy=training_strategy(options.strategy),
+        precision=options.precision, max_steps=options.max_steps,
         max_time=datetime.timedelta(minutes=options.max_minutes) if options.max_minutes else None,
-        logger=CSVLogger(logdir, name="metrics", version=stamp), callbacks=[ProgressPrinter(every)],
-        default_root_dir=logdir, enable_checkpointing=False, log_every_n_steps=10, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        logger=CSVLogger(run_folder.path, name="metrics", version=stamp),
+        callbacks=[run_folder, ProgressPrinter(every)], default_root_dir=run_folder.path, enable_checkpointing=False,
+        log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0)
     started = time.perf_counter()
     trainer.fit(wrapper, datamodule=datamodule)
-    print(f"trained to step {trainer.global_step} in {(time.perf_counter() - started) / 60:.1f} min; log dir {logdir}")
+    logdir = run_folder.path
+    say(f"trained to step {trainer.global_step} in {(time.perf_counter() - started) / 60:.1f} min; log dir {logdir}")
+    if not trainer.is_global_zero:
+        return logdir, trainer
     if kind == "lora":
         paths = [export_lora(factors, logdir / f"{name}.safetensors", options.lora_targets, trainer.global_step)]
         if options.export:

@@ -11,14 +11,22 @@ The model classes are plain nn.Modules so that inference never imports Lightning
   its captions in a text file beside it.
 - `train(...)`: everything `scripts/train.py` does: configs, log dir, resume, fit, export.
 
+Several processes (Lightning's DDP, launched by Lightning itself or by torchrun): rank 0 names the log dir and
+writes every file; the logged metrics are means over all ranks; each rank trains on its own share of the data
+(a DistributedSampler that drops the remainder, so that no sample is seen twice in an epoch) with noise of its own.
+
 A training config is a model config plus two optional sections:
 
     data:      {target: ldm.training.DataModuleFromConfig, params: {batch_size, num_workers, train: {...}}}
-    training:  first_stage_ckpt (autoencoder weights for a LatentDiffusion), sample_every_n_steps,
+    training:  first_stage_ckpt (autoencoder weights for a LatentDiffusion), base_ckpt (a ControlLDM's trained
+               base model), sample_every_n_steps,
                sample_prompts, guidance_scale, sample_steps, checkpoint_every_n_steps, log_every_n_steps
 """
 import datetime
+import inspect
 import math
+import os
+import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
+from torch.nn.parallel import DistributedDataParallel
 
 from ldm.checkpoint import CheckpointError, read_checkpoint
 from ldm.generate.errors import UserError
@@ -57,7 +67,7 @@ def trainable_parameters(model):
 class TrainingWrapper(pl.LightningModule):
     """Trains `model` (anything with `training_loss(batch) -> (loss, logs)`) with AdamW."""
 
-    def __init__(self, model, learning_rate, scheduler_config=None, weight_decay=0.0):
+    def __init__(self, model, learning_rate, scheduler_config=None, weight_decay=0.0, seed=None):
         super().__init__()
         # Channels-last convolution weights make oneDNN's CPU convolutions about twice as fast (measured);
         # the activations follow the weights' layout, and checkpoints are unaffected.
@@ -65,11 +75,18 @@ class TrainingWrapper(pl.LightningModule):
         self.learning_rate = learning_rate
         self.scheduler_config = scheduler_config
         self.weight_decay = weight_decay
+        self.seed = seed
+
+    def on_train_start(self):
+        # Every rank was seeded alike (so that all build the same model); without this they would also draw the
+        # same timesteps and noise for their different images.
+        if self.seed is not None and self.trainer.world_size > 1:
+            seed_generators(self.seed + self.global_rank)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.model.training_loss(batch)
         logs = {**logs, "loss": loss.detach()}
-        self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True, sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
 
@@ -94,6 +111,13 @@ class TrainingWrapper(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {WRAPPER_PREFIX + key: value for key, value in checkpoint["state_dict"].items()}
+
+
+def seed_generators(seed: int) -> None:
+    """Python's, numpy's and torch's generators, without touching PL_GLOBAL_SEED (the data samplers' shared seed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @contextmanager
@@ -126,9 +150,22 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.train_dataset = instantiate_from_config(self.train_config)
 
     def train_dataloader(self):
+        sampler = self.distributed_sampler()
         return torch.utils.data.DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.num_workers,
-            drop_last=True, persistent_workers=self.num_workers > 0, collate_fn=collate_without_attrs)
+            self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle and sampler is None, sampler=sampler,
+            num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0,
+            collate_fn=collate_without_attrs)
+
+    def distributed_sampler(self):
+        """Each rank's share of the data in several processes (None in one). Lightning's own sampler would pad
+        the shares to equal length with repeated samples; this one drops the remainder, as the batches do."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return None
+        # The same seed on every rank (the one seed_everything saved), so that the shares are one permutation.
+        return torch.utils.data.DistributedSampler(
+            self.train_dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=self.shuffle,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), drop_last=True)
 
 
 def collate_without_attrs(items):
@@ -216,6 +253,38 @@ class SampleGridLogger(pl.Callback):
             model.train(was_training)
 
 
+class RunFolder(pl.Callback):
+    """The run's log dir as rank 0 named it. Each process names it at its own start time (Lightning's launcher
+    starts the other ranks when training begins, torchrun all at once), so once the processes are connected
+    rank 0's name is sent to all; only rank 0 creates it and saves `config` there (configs/project.yaml)."""
+
+    def __init__(self, path, config=None):
+        self.path = Path(path)
+        self.config = config
+
+    def setup(self, trainer, pl_module, stage):
+        self.path = Path(trainer.strategy.broadcast(str(self.path)))
+        if trainer.is_global_zero:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if self.config is not None:
+                (self.path / "configs").mkdir(exist_ok=True)
+                OmegaConf.save(self.config, self.path / "configs" / "project.yaml")
+
+
+def training_strategy(strategy):
+    """--strategy for the Trainer. Plain "ddp" does not broadcast buffers from rank 0 before every step: ours
+    change only identically on every rank (EMA copies, as large as the model itself, and their step count)."""
+    if strategy != "ddp":
+        return strategy
+    # Newer torch renamed the option (deprecating the old name); the new one still syncs them once at the start.
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return DDPStrategy(**{no_buffer_sync: False})
+
+
+say = rank_zero_only(print)  # a line from rank 0 only (each rank runs all of the training script)
+
+
 class ProgressPrinter(pl.Callback):
     """One line every `every_n_steps`: step, loss, steps/s since the last line (for logs of background runs)."""
 
@@ -235,7 +304,7 @@ class ProgressPrinter(pl.Callback):
             return
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        loss = float(trainer.callback_metrics["train/loss"])  # the mean over all ranks, as logged
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         print(f"step {step} loss {loss:.4f} lr {lr:.3g} {rate:.2f} steps/s elapsed {(now - self.start) / 60:.1f} min",
               flush=True)
@@ -291,6 +360,19 @@ def parse_overrides(dotlist) -> DictConfig:
     return OmegaConf.merge(OmegaConf.create(), *parsed)
 
 
+def load_base_model(model, ckpt_path):
+    """A ControlLDM's trained base model (training.base_ckpt), whose UNet also starts its control model."""
+    if not hasattr(model, "load_base_model"):
+        raise UserError(f"training.base_ckpt is for ControlNet configs (a ControlLDM), not a {type(model).__name__}: "
+                        "continue a run with --resume, or train a LoRA or an embedding with --base_ckpt")
+    try:
+        state_dict, _ = read_checkpoint(ckpt_path)
+        model.load_base_model(state_dict)
+    except (CheckpointError, ValueError) as error:
+        raise UserError(f"training.base_ckpt {ckpt_path}: {error}") from None
+    say(f"base model: loaded {len(state_dict)} tensors from {ckpt_path}")
+
+
 def load_first_stage(model: LatentDiffusion, ckpt_path):
     """Put trained autoencoder weights into a LatentDiffusion: from an autoencoder checkpoint (ours or an
     original one) or from the first_stage_model.* part of a latent-diffusion checkpoint."""
@@ -309,7 +391,7 @@ def load_first_stage(model: LatentDiffusion, ckpt_path):
         problem = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise UserError(f"--first_stage_ckpt {ckpt_path} does not fit this config's autoencoder ({problem[:200]}): "
                         "pass the checkpoint of an autoencoder trained with the same first_stage_config") from None
-    print(f"first stage: loaded {len(state_dict)} tensors from {ckpt_path}")
+    say(f"first stage: loaded {len(state_dict)} tensors from {ckpt_path}")
 
 
 def inference_state_dict(model) -> dict:
@@ -424,28 +506,30 @@ def _train(options):
         torch.set_num_threads(options.threads)
 
     model = build_from_config(config.model)
-    print(f"{config.model.target}: {count_params(model) / 1e6:.2f} M parameters, "
-          f"{sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f} M trained")
+    say(f"{config.model.target}: {count_params(model) / 1e6:.2f} M parameters, "
+        f"{sum(p.numel() for p in trainable_parameters(model)) / 1e6:.2f} M trained")
     first_stage_ckpt = options.first_stage_ckpt or training_config.get("first_stage_ckpt")
-    if isinstance(model, LatentDiffusion) and resume_ckpt is None:
+    base_ckpt = training_config.get("base_ckpt")
+    if base_ckpt and resume_ckpt is None:
+        load_base_model(model, base_ckpt)
+    elif isinstance(model, LatentDiffusion) and resume_ckpt is None:
         if first_stage_ckpt:
             load_first_stage(model, first_stage_ckpt)
         else:
-            print("WARNING: no first_stage_ckpt: the autoencoder keeps its random weights")
+            say("WARNING: no first_stage_ckpt: the autoencoder keeps its random weights")
 
     devices = device_count(options.devices)
     lr = learning_rate(config, data_config.params.batch_size, devices, options.num_nodes, options.scale_lr)
-    print(f"learning rate {lr:.3g} (batch {data_config.params.batch_size} x {devices} devices x {options.num_nodes} nodes,"
-          f" scale_lr={options.scale_lr})")
-    wrapper = TrainingWrapper(model, lr, scheduler_config=getattr(model, "scheduler_config", None))
+    say(f"learning rate {lr:.3g} (batch {data_config.params.batch_size} x {devices} devices x {options.num_nodes} "
+        f"nodes, scale_lr={options.scale_lr})")
+    wrapper = TrainingWrapper(model, lr, scheduler_config=getattr(model, "scheduler_config", None), seed=options.seed)
     datamodule = build_from_config(data_config)
 
-    logdir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0 and resume_ckpt is None:
-        (logdir / "configs").mkdir(exist_ok=True)
-        OmegaConf.save(config, logdir / "configs" / "project.yaml")
+    # On ranks other than 0 the paths below, named before rank 0's log dir is known, are never written to.
+    run_folder = RunFolder(logdir, config if resume_ckpt is None else None)
     every = training_config.get("checkpoint_every_n_steps", 500)
     callbacks = [
+        run_folder,
         pl.callbacks.ModelCheckpoint(dirpath=logdir / "checkpoints", filename="step-{step:06d}", save_last=True,
                                      every_n_train_steps=every, auto_insert_metric_name=False),
         SampleGridLogger(logdir / "images", training_config.get("sample_every_n_steps", 500),
@@ -455,7 +539,8 @@ def _train(options):
         ProgressPrinter(training_config.get("print_every_n_steps", 50)),
     ]
     trainer = pl.Trainer(
-        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes, strategy=options.strategy,
+        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
+        strategy=training_strategy(options.strategy),
         precision=options.precision, max_steps=options.max_steps,
         max_time=datetime.timedelta(minutes=options.max_minutes) if options.max_minutes else None,
         # One metrics file per run (a resumed run gets its own): <logdir>/metrics/<start time>/metrics.csv.
@@ -467,10 +552,11 @@ def _train(options):
     started = time.perf_counter()
     trainer.fit(wrapper, datamodule=datamodule, ckpt_path=resume_ckpt)
     minutes = (time.perf_counter() - started) / 60
+    logdir = run_folder.path
     trainer.save_checkpoint(logdir / "checkpoints" / LAST_CHECKPOINT)
-    print(f"trained to step {trainer.global_step} in {minutes:.1f} min; log dir {logdir}")
+    say(f"trained to step {trainer.global_step} in {minutes:.1f} min; log dir {logdir}")
 
-    if rank_zero_only.rank == 0:
+    if trainer.is_global_zero:
         if isinstance(model, AutoencoderKL):
             std = measure_latent_std(model, datamodule.train_dataset)
             message = f"latent std {std:.4f}: set scale_factor: {1 / std:.4f} in the latent-diffusion config"

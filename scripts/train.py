@@ -8,6 +8,9 @@
         --lora_rank 4 --export models/Lora/NAME.safetensors   # a LoRA (kohya-ss format) on a trained model
     python scripts/train.py --base configs/latent-diffusion/shapes-ldm.yaml --base_ckpt MODEL.ckpt \
         --embedding NAME --init_word WORD --export embeddings/NAME.pt   # a textual-inversion embedding
+    python scripts/train.py --base CONFIG --accelerator gpu --devices 4 --strategy ddp   # 4 processes, 1 machine
+    torchrun --nnodes 2 --node_rank N --master_addr HOST --master_port 29500 --nproc_per_node 4 scripts/train.py \
+        --base CONFIG --accelerator gpu --devices 4 --num_nodes 2 --strategy ddp       # on each of 2 machines
 
 Logs (metrics.csv, configs/, checkpoints/, images/) go to <logdir>/<time>_<config name>/. Bad input (a config
 that cannot be read or names a class outside ldm without --trust_config, a bad --set or --resume) is one line
@@ -46,9 +49,13 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"],
                         help="32 (default: measured faster than bf16 autocast for our small models on CPU)")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="auto", help="number of devices or a list like 0,1")
-    parser.add_argument("--num_nodes", type=int, default=1)
-    parser.add_argument("--strategy", default="auto", help="e.g. ddp (Lightning strategies)")
+    parser.add_argument("--devices", default="auto",
+                        help="number of devices (processes with ddp) per machine, or a list like 0,1; under torchrun "
+                             "its --nproc_per_node")
+    parser.add_argument("--num_nodes", type=int, default=1, help="machines (under torchrun its --nnodes)")
+    parser.add_argument("--strategy", default="auto",
+                        help="e.g. ddp: one process per device, gradients averaged, each rank its own share of the "
+                             "data, rank 0 writes the log dir (any Lightning strategy name)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's choice); on a CPU shared with other jobs "
                              "1 thread was measured 4-5x faster than 2 (no spinning threads waiting on each other)")
