@@ -26,6 +26,10 @@ from ldm.util import (ConfigError, builds_subclass_of, check_config_targets, ins
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs" / "stable-diffusion"
+SDXL_CONFIG_DIR = REPO_ROOT / "configs" / "sdxl"
+SDXL_CONFIGS = {1: "sd_xl_base.yaml", 0: "sd_xl_refiner.yaml"}  # by the index of the OpenCLIP embedder
+CONTROLNET_CONFIG_DIR = REPO_ROOT / "configs" / "controlnet"
+CONTROLNET_CONFIGS = {768: "cldm_v15.yaml", 1024: "cldm_v21.yaml"}  # a ControlNet 1.0 file, by its text width
 
 # Extras that released checkpoints carry and that the model does not need.
 HARMLESS_SUFFIXES = ("position_ids",)
@@ -122,6 +126,15 @@ def guess_config(state_dict) -> str:
         return "v2-midas-inference.yaml"
     if channels == 7:
         return "x4-upscaling.yaml"
+    for index, name in SDXL_CONFIGS.items():  # SDXL's OpenCLIP ViT-bigG: the base's second embedder, the refiner's first
+        if f"conditioner.embedders.{index}.model.transformer.resblocks.0.attn.in_proj_weight" in state_dict:
+            return name
+    unclip = state_dict.get("embedder.model.visual.transformer.resblocks.0.attn.in_proj_weight")
+    if unclip is not None:  # the image tower's width: OpenAI CLIP ViT-L/14's 1024, OpenCLIP ViT-H/14's 1280
+        return f"v2-1-stable-unclip-{'h' if unclip.shape[1] == 1280 else 'l'}-inference.yaml"
+    control_text = state_dict.get("control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if control_text is not None and unet_in is not None:  # ControlNet 1.0: the whole model and its control_model.*
+        return CONTROLNET_CONFIGS.get(control_text.shape[1], "the ControlNet config the checkpoint was trained with")
     if openclip is not None and openclip.shape[1] == 1024:
         return "v2-inpainting-inference.yaml" if channels == 9 else "v2-inference.yaml"
     if "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in state_dict:
@@ -144,7 +157,8 @@ def find_config(ckpt_path, state_dict) -> Path:
     if beside.is_file():
         return beside
     name = guess_config(state_dict)
-    path = CONFIG_DIR / name
+    folder = CONTROLNET_CONFIG_DIR if name in CONTROLNET_CONFIGS.values() else CONFIG_DIR
+    path = (SDXL_CONFIG_DIR if name in SDXL_CONFIGS.values() else folder) / name
     if not path.is_file():
         raise CheckpointError(f"no config fits {ckpt_path} ({name} is not shipped): pass --config PATH")
     return path
@@ -191,6 +205,13 @@ def _leave_uninitialised(layer: nn.Module) -> None:
 
 def _is_harmless(key: str) -> bool:
     return key.endswith(HARMLESS_SUFFIXES) or key.startswith(HARMLESS_PREFIXES)
+
+
+def unused_checkpoint_keys(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of checkpoint tensors for parts a module deliberately does not build (its
+    `unused_checkpoint_keys()`, e.g. the OpenCLIP block after SD 2.x's penultimate layer)."""
+    return tuple(f"{name}.{key}" if name else key for name, module in model.named_modules()
+                 if hasattr(module, "unused_checkpoint_keys") for key in module.unused_checkpoint_keys())
 
 
 def _ema_state_dict(model: nn.Module, state_dict: dict) -> dict:
@@ -297,7 +318,9 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict, ckpt_path, conf
     if use_ema:
         state_dict.update(_ema_state_dict(model, state_dict))
     missing = [key for key in expected if key not in state_dict and key not in schedules]
-    unexpected = [key for key in state_dict if key not in expected and not _is_harmless(key)]
+    not_built = unused_checkpoint_keys(model)
+    unexpected = [key for key in state_dict if key not in expected and not _is_harmless(key)
+                  and not key.startswith(not_built)]
     wrong_shape = [key for key in expected if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
     if missing or unexpected or wrong_shape:
         fitting = guess_config(state_dict)
@@ -336,6 +359,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     if Path(ckpt_path).is_dir():
         from ldm.diffusers_folder import read_diffusers_folder  # it reads each file with read_checkpoint
         state_dict, config_path, checkpoint = read_diffusers_folder(ckpt_path, config_path)
+        config_was_guessed = False  # its scheduler's prediction_type chose it: no probe
     else:
         state_dict, _ = read_checkpoint(ckpt_path)  # the metadata is not used: no config is read from a checkpoint
         checkpoint = CheckpointFile(ckpt_path)  # its size and date as loaded, checked again once all is placed
@@ -358,6 +382,7 @@ def load_model(ckpt_path, config_path=None, device="cpu", dtype=None, use_ema=Fa
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     if vae is not None:
+        model.first_stage_model = vae.first_stage_for(model)  # TAESD's replaces the autoencoder
         state_dict = vae.replace_in(state_dict, model.first_stage_model)
     report = load_state_dict_strictly(model, state_dict, ckpt_path, config_path, use_ema=use_ema,
                                       release_pages=low_memory)  # else placing them reads them again now

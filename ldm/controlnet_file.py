@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from ldm.checkpoint import REPO_ROOT, CheckpointError, all_finite, parameters_on_meta, read_checkpoint
 from ldm.diffusers_folder import UNET_PREFIX, WEIGHT_SUFFIXES, unet_to_original
@@ -177,20 +178,35 @@ def _read_controlnet(path: Path) -> tuple[dict, dict]:
     if "input_hint_block.0.weight" not in weights:
         raise ControlNetError(f"{path} is not a ControlNet (it has no input_hint_block or control_model weights): "
                               "pass a ControlNet 1.0/1.1 file or a diffusers ControlNet")
-    return weights, {"global_average_pooling": _pooling_in_yaml_beside(path)}
+    return weights, _options_in_yaml_beside(path)
 
 
-def _pooling_in_yaml_beside(path: Path) -> bool:
-    """The 1.1 files come with a YAML of the same name; the shuffle model's asks for global average pooling.
-    Only that flag is read from it: nothing it names is built."""
+def _options_in_yaml_beside(path: Path) -> dict:
+    """The 1.1 files come with a YAML of the same name; the shuffle model's asks for global average pooling, and
+    ours for the shapes model (save_controlnet) for a control image 4x the latent's size. Only these are read
+    from it: nothing it names is built."""
     beside = path.with_suffix(".yaml")
-    if not beside.is_file():
-        return False
-    try:
-        params = OmegaConf.select(read_config(beside), "model.params.control_stage_config.params", default=None)
-    except ConfigError as error:
-        raise ControlNetError(f"the ControlNet's config beside it cannot be used: {error}") from None
-    return bool(params.get("global_average_pooling", False)) if params is not None else False
+    params = None
+    if beside.is_file():
+        try:
+            params = OmegaConf.select(read_config(beside), "model.params.control_stage_config.params", default=None)
+        except ConfigError as error:
+            raise ControlNetError(f"the ControlNet's config beside it cannot be used: {error}") from None
+    options = {"global_average_pooling": bool(params.get("global_average_pooling", False)) if params else False}
+    if params and "hint_downsample" in params:
+        options["hint_downsample"] = int(params.hint_downsample)
+    return options
+
+
+def save_controlnet(control_model: ControlNet, model_config, path) -> None:
+    """A trained ControlNet as the 1.1 files are kept: its weights alone (no prefix) in fp16 in a .safetensors
+    file, and beside it (<path>.yaml) the ControlLDM config it was trained in, which tells its hint_downsample."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {key: value.detach().half().cpu().contiguous() for key, value in control_model.state_dict().items()}
+    save_file(weights, str(path), metadata={"format": "pt"})
+    config = OmegaConf.to_container(model_config, resolve=True) if OmegaConf.is_config(model_config) else model_config
+    OmegaConf.save(OmegaConf.create({"model": config}), path.with_suffix(".yaml"))
 
 
 # --- the base model and the network's shape ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from ldm.checkpoint import CheckpointError
 from ldm.generate.output import _write_partial
 from ldm.merging import _copy_partial, _place
+from ldm.placement import file_backed_ranges, release_file_pages
 from ldm.safetensors_writer import PlannedTensor, StreamingWriter
 
 
@@ -41,8 +42,12 @@ def write_safetensors(f, state_dict: dict, fp16: bool = False, metadata: dict | 
     """`state_dict` streamed into the open binary file `f`, one tensor converted at a time."""
     planned = [PlannedTensor(key, output_dtype(tensor, fp16), tuple(tensor.shape)) for key, tensor in state_dict.items()]
     writer = StreamingWriter(f, planned, metadata or {"format": "pt"})
+    # The memory-mapped sources' pages are given back once written (read again from their files if ever
+    # needed), so that converting does not leave the whole model resident.
+    mapped = file_backed_ranges()
     for entry in writer.order:
         writer.write(entry.name, state_dict[entry.name].to(entry.dtype))
+        release_file_pages(state_dict[entry.name], mapped)
     writer.finish()
 
 
@@ -74,7 +79,7 @@ def publish_checkpoint(state_dict: dict, config_path: Path, out, fp16=False, ove
 
 
 def folder_to_checkpoint(folder, out, fp16=False, overwrite=False, config_path=None, log=print) -> Path:
-    """The diffusers folder `folder` (SD 1.x) as the original-layout .safetensors file `out`, its config beside it."""
+    """The diffusers folder `folder` as the original-layout .safetensors file `out`, its config beside it."""
     from ldm.diffusers_folder import is_diffusers_folder, read_diffusers_folder
 
     folder, out = Path(folder), Path(out)

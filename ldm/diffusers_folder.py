@@ -2,9 +2,15 @@
 
 A folder (model_index.json with unet/, vae/, text_encoder/, scheduler/) is turned into the CompVis-layout
 state dict our configs build, by the exact inverse of diffusers' own conversion (convert_ldm_unet_checkpoint,
-convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint). Renaming keys and reshaping the VAE attention's
-linear weights into 1×1 kernels are views: the tensors stay those of the memory-mapped files, and placing
-the weights copies each once, as for a single-file checkpoint.
+convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint). Families: SD 1.x and
+2.x (eps and v, from scheduler/scheduler_config.json), their inpainting models, SD 2 depth and the x4
+upscaler; fp32 or fp16 variants, .safetensors or .bin (read with weights_only). Renaming keys and reshaping
+the VAE attention's linear weights into 1×1 kernels are views: the tensors stay those of the memory-mapped
+files, and placing the weights copies each once, as for a single-file checkpoint; only OpenCLIP's q, k, v
+(separate in transformers, one in_proj in OpenCLIP) are joined into new tensors.
+
+A depth folder's depth_estimator/ is transformers' DPT, not the MiDaS module our depth model builds: it is
+not read, so depth2img needs --midas (the MiDaS weights) or --depth_map, and says so in one line.
 
 A hub id (`org/name`) is looked up in the local cache only, never on the network.
 """
@@ -13,16 +19,23 @@ import os
 import re
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 from ldm.checkpoint import CONFIG_DIR, CheckpointError, read_checkpoint
 from ldm.placement import CheckpointFile
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
-# diffusers' weight file stems, by component; their file names in order of preference: no pickle where a
-# .safetensors exists, full precision before the fp16 variant (what `variant="fp16"` loads).
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# The weight files of each component (diffusers' models, transformers' text encoder), in order of
+# preference: no pickle where a .safetensors exists, full precision before the fp16 variant (what
+# `variant="fp16"` loads).
 WEIGHT_SUFFIXES = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
+MODEL_WEIGHTS = tuple("diffusion_pytorch_model" + suffix for suffix in WEIGHT_SUFFIXES)
+WEIGHT_NAMES = {"unet": MODEL_WEIGHTS, "vae": MODEL_WEIGHTS,
+                "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+                                 "pytorch_model.fp16.bin")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -96,15 +109,14 @@ class FolderFiles:
 
 def weight_files(component: Path) -> list[Path]:
     """The files of one component's weights (one, or the shards an index names)."""
-    stem = WEIGHT_STEMS[component.name]
-    for suffix in WEIGHT_SUFFIXES:
-        if (component / (stem + suffix)).is_file():
-            return [component / (stem + suffix)]
-        index = component / (stem + suffix + ".index.json")
+    for name in WEIGHT_NAMES[component.name]:
+        if (component / name).is_file():
+            return [component / name]
+        index = component / (name + ".index.json")
         if index.is_file():
             shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
             return [component / shard for shard in shards]
-    names = ", ".join(stem + suffix for suffix in WEIGHT_SUFFIXES)
+    names = ", ".join(WEIGHT_NAMES[component.name])
     raise CheckpointError(f"diffusers folder component {component} has no weights (looked for {names}): "
                           "download the folder again")
 
@@ -127,20 +139,74 @@ def _component(folder: Path, name: str) -> Path:
     return component
 
 
+# (text encoder, UNet input channels) -> (family, {prediction type: our config}): the families diffusers
+# converts from the original checkpoints (SD 1.x's OpenAI CLIP uses quick_gelu, SD 2.x's OpenCLIP gelu).
+FAMILIES = {
+    ("clip", 4): ("SD 1.x", {"epsilon": "v1-inference.yaml"}),
+    ("clip", 9): ("SD 1.x inpainting", {"epsilon": "v1-inpainting-inference.yaml"}),
+    ("openclip", 4): ("SD 2.x", {"epsilon": "v2-inference.yaml", "v_prediction": "v2-inference-v.yaml"}),
+    ("openclip", 9): ("SD 2.x inpainting", {"epsilon": "v2-inpainting-inference.yaml"}),
+    ("openclip", 5): ("SD 2.x depth", {"epsilon": "v2-midas-inference.yaml"}),
+    ("openclip", 7): ("SD 2.x x4 upscaler", {"v_prediction": "x4-upscaling.yaml"}),
+}
+TEXT_WIDTHS = {"clip": 768, "openclip": 1024}
+
+
+def text_encoder_kind(config: dict) -> str:
+    """"clip" (OpenAI's CLIP ViT-L, SD 1.x) or "openclip" (OpenCLIP, SD 2.x), from the text encoder's config."""
+    return "clip" if config.get("hidden_act", "quick_gelu") == "quick_gelu" else "openclip"
+
+
 def choose_config(folder: Path) -> Path:
     """Our config for the folder: by its text encoder, UNet input channels and scheduler's prediction type."""
-    pipeline = _read_json(folder / "model_index.json").get("_class_name", "a diffusers pipeline")
+    index = _read_json(folder / "model_index.json")
+    pipeline = index.get("_class_name", "a diffusers pipeline")
     text_config = _read_json(_component(folder, "text_encoder") / "config.json")
-    if text_config.get("hidden_size") != 768 or "text_encoder_2" in _read_json(folder / "model_index.json"):
-        raise CheckpointError(f"{folder} is a {pipeline} folder whose text encoder is not SD 1.x's CLIP ViT-L: only "
-                              "SD 1.x diffusers folders load so far; use the model's original .ckpt/.safetensors file")
+    kind = text_encoder_kind(text_config)
+    in_channels = _read_json(_component(folder, "unet") / "config.json").get("in_channels", 4)
+    family = FAMILIES.get((kind, in_channels))
+    if family is None or "text_encoder_2" in index or text_config.get("hidden_size") != TEXT_WIDTHS[kind]:
+        raise CheckpointError(f"{folder} is a {pipeline} folder of no family we load (SD 1.x and 2.x: txt2img, "
+                              "inpainting, depth, x4 upscaler): use the model's original .ckpt/.safetensors file")
+    name, configs = family
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
-    if prediction != "epsilon":
-        raise CheckpointError(f"{folder} is an SD 1.x model with prediction_type {prediction!r} in {scheduler}, "
-                              "which no SD 1.x config of ours has: pass --config with the model's own YAML")
-    in_channels = _read_json(_component(folder, "unet") / "config.json").get("in_channels", 4)
-    return CONFIG_DIR / ("v1-inpainting-inference.yaml" if in_channels == 9 else "v1-inference.yaml")
+    if prediction not in configs:
+        raise CheckpointError(f"{folder} is an {name} model with prediction_type {prediction!r} in {scheduler}, "
+                              f"which no {name} config of ours has: pass --config with the model's own YAML")
+    return CONFIG_DIR / configs[prediction]
+
+
+def check_noise_schedules(folder: Path, config: dict, config_path: Path) -> None:
+    """Refuse a folder whose schedulers (the diffusion's; the x4 upscaler's low_res_scheduler and
+    max_noise_level) are not those of the config: it would sample with the wrong noise levels."""
+    params = config.get("model", {}).get("params", {})
+    checks = [("scheduler", params)]
+    low_scale = params.get("low_scale_config", {}).get("params", {})
+    if low_scale:
+        checks.append(("low_res_scheduler", {**low_scale.get("noise_schedule_config", {}), "timesteps": 1000}))
+        stored = _read_json(folder / "model_index.json").get("max_noise_level")
+        if stored is not None and stored != low_scale.get("max_noise_level"):
+            raise CheckpointError(f"{folder}'s max_noise_level {stored} differs from config {config_path.name}'s "
+                                  f"{low_scale.get('max_noise_level')}: pass --config with the model's own YAML")
+    for name, schedule in checks:
+        path = folder / name / "scheduler_config.json"
+        if not path.is_file() or "linear_start" not in schedule:
+            continue
+        stored = _read_json(path)
+        ours = {"beta_start": schedule["linear_start"], "beta_end": schedule["linear_end"],
+                "num_train_timesteps": schedule.get("timesteps", 1000), "beta_schedule": "scaled_linear"}
+        differing = [key for key, value in ours.items() if key in stored and not _same(stored[key], value)]
+        if differing:
+            raise CheckpointError(f"{path} has another noise schedule than config {config_path.name} ("
+                                  + ", ".join(f"{key} {stored[key]} for {ours[key]}" for key in differing)
+                                  + "): pass --config with the model's own YAML")
+
+
+def _same(stored, ours) -> bool:
+    if isinstance(ours, float) and isinstance(stored, (int, float)):
+        return abs(stored - ours) <= 1e-9 * abs(ours)
+    return stored == ours
 
 
 def read_component(component: Path) -> tuple[dict, list[Path]]:
@@ -159,8 +225,12 @@ def read_diffusers_folder(folder, config_path=None) -> tuple[dict, Path, FolderF
         raise CheckpointError(f"{folder} is a folder but not a diffusers pipeline folder (it has no "
                               "model_index.json): pass --ckpt with a .ckpt or .safetensors file, or a diffusers folder")
     config_path = Path(config_path) if config_path else choose_config(folder)
+    if config_path.is_file():
+        check_noise_schedules(folder, OmegaConf.to_container(OmegaConf.load(config_path)), config_path)
+    text_kind = text_encoder_kind(_read_json(_component(folder, "text_encoder") / "config.json"))
+    text_to_original = clip_to_original if text_kind == "clip" else openclip_to_original
     state_dict, paths = {}, []
-    for name, convert in (("unet", unet_to_original), ("vae", vae_to_original), ("text_encoder", clip_to_original)):
+    for name, convert in (("unet", unet_to_original), ("vae", vae_to_original), ("text_encoder", text_to_original)):
         weights, files = read_component(_component(folder, name))
         paths += files
         state_dict.update(convert(weights))
@@ -268,6 +338,49 @@ def clip_to_original(weights: dict) -> dict:
     transformers >= 5 drop the text_model. level)."""
     return {CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): tensor
             for key, tensor in weights.items()}
+
+
+OPENCLIP_PREFIX = "cond_stage_model.model."
+OPENCLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+# transformers' CLIPEncoderLayer names -> OpenCLIP's ResidualAttentionBlock's (q, k, v are joined apart)
+OPENCLIP_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPENCLIP_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
+OPENCLIP_TOP_LEVEL = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                      "embeddings.position_embedding.weight": "positional_embedding",
+                      "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def openclip_to_original(weights: dict) -> dict:
+    """transformers' CLIPTextModel of an OpenCLIP tower (SD 2.x) in OpenCLIP's layout (under
+    cond_stage_model.model.): the inverse of diffusers' convert_open_clip_checkpoint. The separate q, k, v
+    projections are joined into in_proj_* (the one copy made); a projection (CLIPTextModelWithProjection)
+    is transposed back (a view)."""
+    converted, qkv = {}, {}
+    for key, tensor in weights.items():
+        key = key.removeprefix("text_model.")
+        layer = OPENCLIP_LAYER.match(key)
+        rest = layer[2] if layer else ""
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_projection.weight":
+            converted[OPENCLIP_PREFIX + "text_projection"] = tensor.t()
+        elif key in OPENCLIP_TOP_LEVEL:
+            converted[OPENCLIP_PREFIX + OPENCLIP_TOP_LEVEL[key]] = tensor
+        elif layer and (part := OPENCLIP_QKV.match(rest)):
+            qkv.setdefault((int(layer[1]), part[2]), {})[part[1]] = tensor
+        elif layer and _rename_first(rest, OPENCLIP_BLOCK) != rest:
+            converted[f"{OPENCLIP_PREFIX}transformer.resblocks.{layer[1]}.{_rename_first(rest, OPENCLIP_BLOCK)}"] = tensor
+        else:
+            raise CheckpointError(f"the diffusers text encoder holds tensor {key}, which no OpenCLIP text tower has: "
+                                  "this folder is another kind of model")
+    for (index, kind), parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise CheckpointError(f"the diffusers text encoder's layer {index} lacks some of its q/k/v {kind} "
+                                  "tensors: download the folder again")
+        converted[f"{OPENCLIP_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = \
+            torch.cat([parts["q"], parts["k"], parts["v"]])
+    return converted
 
 
 def hashed_file(path: Path) -> Path:

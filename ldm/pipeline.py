@@ -7,7 +7,8 @@ picture as the script, pixel for pixel.
 
 Options beyond the named keywords are the scripts' own, by their argparse names: eta, s_churn, subseed,
 subseed_strength, clip_skip, emphasis, rng, seed_mode, ensd, n_iter, hr_scale, denoising_strength, ... (see
-`--help` of scripts/txt2img.py). Bad input is one ValueError naming the problem and the fix.
+`--help` of scripts/txt2img.py). ControlNet: `control=[ControlUnit(model, image, weight=..., ...)]`
+(ldm.generate.control) on any call. Bad input is one ValueError naming the problem and the fix.
 """
 import argparse
 import os
@@ -30,6 +31,7 @@ from ldm.generate.rng import RANDOM_SEED
 from ldm.generate.run import run
 from ldm.generate.txt2img import TextToImage
 from ldm.generate.upscale import DEFAULT_NOISE_LEVEL, Upscaling, check_noise_level
+from ldm.generate.variations import ImageVariations
 
 DTYPE_PRECISIONS = {torch.float32: "full", torch.bfloat16: "bf16", torch.float16: "autocast"}
 # The scripts' flags as this API's keywords, so that an error names what the caller wrote.
@@ -42,7 +44,8 @@ NOT_KEYWORDS = {"help", "prompt", "from_file", "repeat", "from_png", "outdir", "
                 "lora", "sampler", "schedule", "negative_prompt"}
 # Which call each model family answers.
 CALLS_OF_KINDS = {"text-to-image": ("pipe(...)", "pipe.img2img", "pipe.inpaint"), "inpainting": ("pipe.inpaint",),
-                  "x4 upscaling": ("pipe.upscale",), "depth-to-image": ("pipe.depth2img",)}
+                  "x4 upscaling": ("pipe.upscale",), "depth-to-image": ("pipe.depth2img",),
+                  "image variations": ("pipe.variations",)}
 
 
 def _python_names(message: str) -> str:
@@ -186,7 +189,7 @@ class Pipeline:
 
     @property
     def kind(self) -> str:
-        """text-to-image, inpainting, x4 upscaling or depth-to-image."""
+        """text-to-image, inpainting, x4 upscaling, depth-to-image or image variations."""
         return self.loaded.kind
 
     def __call__(self, prompt, negative_prompt="", num_inference_steps=50, guidance_scale=7.5, height=None,
@@ -273,6 +276,24 @@ class Pipeline:
 
         return self._run(args, job_and_task, callback)
 
+    def variations(self, image, prompt="", noise_level=0, negative_prompt="", num_inference_steps=50,
+                   guidance_scale=10.0, height=None, width=None, num_images_per_prompt=1, seed=None, generator=None,
+                   sampler="DDIM", schedule="automatic", lora=(), callback=None, watermark=True,
+                   **more) -> GenerationResult:
+        """Image variations (scripts/variations.py) with an SD 2.1 unCLIP model: new pictures after `image`'s
+        CLIP embedding (PIL or a path, any size), steered by `prompt`; noise_level 0..999 lets them drift
+        further from it. height, width: the model's native size when None."""
+        self._require("pipe.variations")
+        args = self._args(_defaults(num_inference_steps, guidance_scale), locals())
+
+        def job_and_task(job_for):
+            height_, width_ = height or self.loaded.native_size, width or self.loaded.native_size
+            for name, side in (("height", height_), ("width", width_)):
+                options.check_dimension(name, side, max(8, self.loaded.downsampling_factor))
+            return job_for(height_, width_), ImageVariations(_pil_pixels(image, 1, "image", self.log), noise_level)
+
+        return self._run(args, job_and_task, callback)
+
     # --- the shared steps --------------------------------------------------------------------------------------
     def _require(self, call: str):
         calls = CALLS_OF_KINDS[self.kind]
@@ -282,7 +303,8 @@ class Pipeline:
     def _args(self, defaults: tuple[argparse.Namespace, dict], given: dict) -> argparse.Namespace:
         """The script's options with this call's keywords set; TypeError for a keyword no script takes."""
         args, actions = defaults
-        more = given["more"]
+        more = dict(given["more"])
+        args.control_units = list(more.pop("control", None) or [])  # ldm.generate.control.ControlUnit
         unknown = sorted(set(more) - (set(vars(args)) - NOT_KEYWORDS))
         if unknown:
             allowed = ", ".join(sorted(set(vars(args)) - NOT_KEYWORDS))

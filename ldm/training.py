@@ -192,18 +192,19 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, captions=None):
 
 @torch.no_grad()
 def sample_images(model: LatentDiffusion, prompts, steps=50, guidance_scale=5.0, seed=0, eta=0.0, sampler="ddim",
-                  schedule="automatic", encode=None):
+                  schedule="automatic", encode=None, control=None):
     """Text-to-image with any registered sampler (ldm.models.diffusion.samplers) and schedule, and
     classifier-free guidance; BCHW in [-1, 1]. One CPU generator seeded with `seed` gives the start noise,
     then the sampler's own noise (ancestral steps, DDIM's `eta`). encode: prompts -> conditioning (default: the
-    model's own; the generation scripts' Conditioner for textual-inversion embeddings)."""
+    model's own; the generation scripts' Conditioner for textual-inversion embeddings). control: GuidedDenoiser's
+    (ControlNet residuals for each model call)."""
     encode = encode or model.get_learned_conditioning
     cond = encode(list(prompts))
     uncond = encode([""] * len(prompts)) if guidance_scale != 1.0 else None
     noise = CpuRandom(seed)
     shape = (len(prompts), model.channels, model.image_size, model.image_size)
     x = noise.randn(shape).to(cond.device, cond.dtype)
-    denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale, **placement_of(model))
+    denoiser = GuidedDenoiser(model, cond, uncond, scale=guidance_scale, control=control, **placement_of(model))
     latents = sample(sampler, denoiser, x, steps, schedule=schedule, eta=eta, noise_source=noise)
     return model.decode_first_stage(latents)
 
@@ -406,16 +407,21 @@ def inference_state_dict(model) -> dict:
 
 
 def export_model(model, model_config, path, global_step):
-    """A small fp16 checkpoint in the original format, with its config (use_ema off) beside it as <path>.yaml."""
+    """A small fp16 checkpoint in the original format, with its config (use_ema off) beside it as <path>.yaml;
+    a ControlLDM's control model alone, as ControlNet files hold it (ldm.controlnet_file.save_controlnet)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {key: (value.half() if value.is_floating_point() else value).detach().cpu().contiguous().clone()
-                  for key, value in inference_state_dict(model).items()}
-    torch.save({"state_dict": state_dict, "global_step": int(global_step)}, path)
-    config = OmegaConf.create({"model": OmegaConf.to_container(model_config, resolve=True)})
-    if "use_ema" in config.model.get("params", {}):
-        config.model.params.use_ema = False
-    OmegaConf.save(config, path.with_suffix(".yaml"))
+    if hasattr(model, "control_model"):
+        from ldm.controlnet_file import save_controlnet
+        save_controlnet(model.control_model, model_config, path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state_dict = {key: (value.half() if value.is_floating_point() else value).detach().cpu().contiguous().clone()
+                      for key, value in inference_state_dict(model).items()}
+        torch.save({"state_dict": state_dict, "global_step": int(global_step)}, path)
+        config = OmegaConf.create({"model": OmegaConf.to_container(model_config, resolve=True)})
+        if "use_ema" in config.model.get("params", {}):
+            config.model.params.use_ema = False
+        OmegaConf.save(config, path.with_suffix(".yaml"))
     print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, step {global_step}) and {path.with_suffix('.yaml').name}")
 
 

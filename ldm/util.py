@@ -32,6 +32,15 @@ CONFIG_ALIASES.update({
     "cldm.cldm.ControlNet": "ldm.models.controlnet.ControlNet",
     "cldm.cldm.ControlledUnetModel": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
 })
+# SD 2.1 unCLIP's classes, which the originals define in ddpm.py and encoders/modules.py.
+CONFIG_ALIASES.update({
+    "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion":
+        "ldm.models.diffusion.ddpm_unclip.ImageEmbeddingConditionedLatentDiffusion",
+    **{f"ldm.modules.encoders.modules.{name}": f"ldm.modules.encoders.image_encoders.{name}"
+       for name in ("ClipImageEmbedder", "FrozenOpenCLIPImageEmbedder")},
+    "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation":
+        "ldm.modules.encoders.noise_augmentation.CLIPEmbeddingNoiseAugmentation",
+})
 
 TRUST_FLAG = "--trust_config"
 _configs_trusted = ContextVar("configs_trusted", default=False)

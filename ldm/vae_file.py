@@ -3,7 +3,8 @@
 A VAE file is a .safetensors file or a .pt/.ckpt pickle (read with weights_only, as checkpoints are), flat
 or under `state_dict`, its keys with or without the `first_stage_model.` prefix. As A1111 (sd_vae.py),
 training leftovers (`loss.*`, `model_ema.*`) are dropped. Diffusers-layout VAE files
-(`encoder.down_blocks.*`) are refused with a line that says so: they need converting first.
+(`encoder.down_blocks.*`) are refused with a line that says so: they need converting first. TAESD's
+files (`--vae taesd`, ldm.taesd_file) are read here too and replace the whole first stage.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, all_finite, read_checkpoint
+from ldm.models.taesd import looks_tiny
 
 PREFIX = "first_stage_model."
 IGNORED_PREFIXES = ("loss.", "model_ema.")
@@ -29,6 +31,10 @@ class VaeFile:
     def name(self) -> str:
         """A1111's "VAE" infotext field: the file name."""
         return self.path.name
+
+    def first_stage_for(self, model: nn.Module) -> nn.Module:
+        """The module that holds this file's weights in `model`: its own autoencoder (TAESD's replaces it)."""
+        return model.first_stage_model
 
     def replace_in(self, state_dict: dict, autoencoder: nn.Module) -> dict:
         """`state_dict` with its autoencoder weights replaced by this file's, which must fit `autoencoder`
@@ -54,11 +60,15 @@ class VaeFile:
 
 def read_vae(path) -> VaeFile:
     """The VAE file at `path`, its keys without the prefix, checked for NaN and infinite values."""
+    from ldm import taesd_file  # it builds on VaeFile
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"VAE file not found: {path} (pass --vae with the path of a .pt, .ckpt or "
-                              ".safetensors VAE, or --vae none)")
+        raise CheckpointError(taesd_file.missing_tiny_message(path) or f"VAE file not found: {path} (pass --vae with "
+                              "the path of a .pt, .ckpt or .safetensors VAE, taesd, or --vae none)")
     state_dict, _ = read_checkpoint(path)
+    if looks_tiny(state_dict):
+        return taesd_file.read_tiny(path, state_dict)
     if any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in state_dict):
         raise CheckpointError(f"VAE file {path} is in the diffusers layout (encoder.down_blocks...), which is not "
                               "read here: use the original-layout file (e.g. vae-ft-mse-840000-ema-pruned)")
@@ -93,8 +103,10 @@ def vae_beside(ckpt_path) -> Path | None:
 
 def resolve_vae(vae_option: str | None, ckpt_path, log=print) -> Path | None:
     """The VAE file a run uses: --vae PATH; else one beside the checkpoint (said in a line); --vae none: none."""
+    from ldm.taesd_file import resolve_tiny  # it builds on VaeFile
+
     if vae_option is not None:
-        return None if vae_option.lower() == NO_VAE else Path(vae_option)
+        return None if vae_option.lower() == NO_VAE else resolve_tiny(vae_option, ckpt_path) or Path(vae_option)
     beside = vae_beside(ckpt_path)
     if beside is not None:
         log(f"using the VAE beside the checkpoint: {beside} (--vae none to keep the checkpoint's own)")

@@ -8,7 +8,7 @@ from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
-from ldm.generate import images, infotext, loading, options  # noqa: E402
+from ldm.generate import control, images, infotext, loading, options  # noqa: E402
 from ldm.generate.img2img import ImageToImage  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402
 
@@ -19,6 +19,7 @@ def parse_args(argv=None):
     options.add_image_arguments(parser, strength=0.75)
     options.add_output_arguments(parser, "outputs/img2img-samples")
     options.add_model_arguments(parser)
+    control.add_arguments(parser)
     return infotext.parse_args_with_png(parser, argv)
 
 

@@ -9,7 +9,7 @@ from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
-from ldm.generate import images, infotext, loading, options  # noqa: E402
+from ldm.generate import control, images, infotext, loading, options  # noqa: E402
 from ldm.generate.inpaint import Inpainting  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402
 
@@ -24,6 +24,7 @@ def parse_args(argv=None):
                        help="keep the decoded pixels outside the mask instead of pasting the input's back")
     options.add_output_arguments(parser, "outputs/inpainting-samples")
     options.add_model_arguments(parser)
+    control.add_arguments(parser)
     return infotext.parse_args_with_png(parser, argv)
 
 

@@ -9,7 +9,7 @@ from ldm.generate.errors import exit_quietly_on_ctrl_c  # noqa: E402
 if __name__ == "__main__":
     exit_quietly_on_ctrl_c()  # before the seconds of importing torch
 
-from ldm.generate import hires, infotext, loading, options  # noqa: E402
+from ldm.generate import control, hires, infotext, loading, options  # noqa: E402
 from ldm.generate.run import run_and_report  # noqa: E402
 from ldm.generate.txt2img import TextToImage  # noqa: E402
 
@@ -22,6 +22,7 @@ def parse_args(argv=None):
     parser.add_argument("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD)")
     parser.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD)")
     parser.add_argument("--laion400m", action="store_true", help=argparse.SUPPRESS)
+    control.add_arguments(parser)
     hires.add_arguments(parser)
     options.add_output_arguments(parser, "outputs/txt2img-samples")
     options.add_model_arguments(parser)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 
 from conftest import REPO
@@ -358,10 +359,93 @@ def build_clip_tiny(folder):
     config.model.params.cond_stage_config = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
     config_path = folder / "clip-tiny.yaml"
     OmegaConf.save(config, config_path)
-    torch.manual_seed(4)
-    original = {k: v.contiguous() for k, v in instantiate_from_config(config.model).state_dict().items()}
-    with torch.no_grad():  # the zero-initialised output layers would compare zeros with zeros
+    original = random_weights(config_path, seed=4)
+    return write_folder(folder / "pipe", config_path, original), config_path, original
+
+
+def random_weights(config_path, seed: int) -> dict:
+    """The state dict of the config's model with seeded random weights, none of them all zeros (the
+    zero-initialised output layers would compare zeros with zeros)."""
+    torch.manual_seed(seed)
+    original = {k: v.contiguous() for k, v in instantiate_from_config(OmegaConf.load(config_path).model).state_dict().items()}
+    with torch.no_grad():
         for key, tensor in original.items():
             if tensor.is_floating_point() and tensor.ndim > 1 and not tensor.any():
                 tensor.normal_(0, 0.02)
-    return write_folder(folder / "pipe", config_path, original), config_path, original
+    return original
+
+
+# --- SD 2.x-family diffusers folders, as diffusers' pipelines save them ----------------------------------------------
+def openclip_config(folder, base_config, arch="ViT-L-14", width=768, **params) -> Path:
+    """`base_config` with SD 2.x's text encoder class (OpenCLIP, penultimate layer) on the tower `arch` of
+    `width`, saved in `folder`; `params` override the model's."""
+    config = OmegaConf.load(base_config)
+    config.model.params.unet_config.params.context_dim = width
+    config.model.params.cond_stage_config = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                             "params": {"arch": arch, "layer": "penultimate"}}
+    config.model.params.update(params)
+    path = Path(folder) / f"openclip-{Path(base_config).name}"
+    OmegaConf.save(config, path)
+    return path
+
+
+def diffusers_openclip(original: dict, width: int, heads: int):
+    """transformers' CLIPTextModel as diffusers converts SD 2.x's OpenCLIP tower (convert_open_clip_checkpoint)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    class ConfigOnly:  # convert_open_clip_checkpoint reads only text_model.config.hidden_size
+        config = types.SimpleNamespace(hidden_size=width)
+
+    converted = convert_open_clip_checkpoint(ConfigOnly, original)
+    converted.pop("text_projection.weight", None)  # SD 2.x's text model has no projection
+    layers = len({key.split(".")[3] for key in converted if ".encoder.layers." in key})
+    return build_reference_clip(converted, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                num_attention_heads=heads, hidden_act="gelu")
+
+
+def save_diffusers_pipeline(folder, config_path, original: dict, tokenizer_folder, text_tower=(768, 12),
+                            variant=None, safe_serialization=True) -> Path:
+    """The pipeline diffusers builds from `original` (its own conversion of each model, the schedulers
+    from_single_file makes), written by its save_pretrained: the folder diffusers users have."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    params = OmegaConf.load(config_path).model.params
+    unet, vae = diffusers_models(config_path, original)
+    text_encoder = diffusers_openclip(original, *text_tower)
+    schedule = dict(beta_start=params.linear_start, beta_end=params.linear_end, beta_schedule="scaled_linear",
+                    prediction_type="v_prediction" if params.get("parameterization") == "v" else "epsilon")
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_folder)),
+                 unet=unet, scheduler=diffusers.DDIMScheduler(**schedule))
+    model_class = OmegaConf.load(config_path).model.target.rsplit(".", 1)[-1]
+    if model_class == "LatentUpscaleDiffusion":
+        low_res = diffusers.DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="scaled_linear")
+        pipeline = diffusers.StableDiffusionUpscalePipeline(**parts, low_res_scheduler=low_res,
+                                                            max_noise_level=params.low_scale_config.params.max_noise_level)
+    elif model_class == "LatentDepth2ImageDiffusion":
+        pipeline = diffusers.StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=None, feature_extractor=None)
+    else:
+        pipeline_class = {"LatentDiffusion": diffusers.StableDiffusionPipeline,
+                          "LatentInpaintDiffusion": diffusers.StableDiffusionInpaintPipeline}[model_class]
+        pipeline = pipeline_class(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if variant == "fp16":
+        pipeline.to(torch.float16)
+    pipeline.save_pretrained(str(folder), variant=variant, safe_serialization=safe_serialization)
+    if not safe_serialization:  # transformers >= 5 writes .safetensors whatever it is asked: as older ones did
+        weights = Path(folder) / "text_encoder" / "model.safetensors"
+        torch.save(load_file(str(weights)), weights.with_name("pytorch_model.bin"))
+        weights.unlink()
+    return Path(folder)
+
+
+def record_calls(monkeypatch, model) -> list:
+    """The batch size of every apply_model call of `model` from now on, in order."""
+    calls = []
+    apply_model = model.apply_model
+
+    def recording(x, t, cond):
+        calls.append(x.shape[0])
+        return apply_model(x, t, cond)
+
+    monkeypatch.setattr(model, "apply_model", recording)
+    return calls

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from helpers import (assert_same_weights, meta_state_dict, random_state_dict, run_script, write_folder, write_json,
-                     write_pipeline_files)
+from helpers import (assert_same_weights, meta_state_dict, random_state_dict, run_script, save_diffusers_pipeline,
+                     write_folder, write_json, write_pipeline_files)
 from ldm.checkpoint import CheckpointError, load_model
 from ldm.diffusers_folder import choose_config, read_diffusers_folder
 from ldm.generate.errors import UserError
@@ -18,6 +18,7 @@ from ldm.generate.loading import resolve_checkpoint
 from tiny_model import TINY_CONFIG, tiny_model
 
 V1_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
+V2V_CONFIG = REPO / "configs" / "stable-diffusion" / "v2-inference-v.yaml"
 UNET_AND_VAE = ("model.diffusion_model.", "first_stage_model.")
 
 
@@ -93,7 +94,7 @@ def test_the_config_follows_the_unet_of_an_sd1_folder(tmp_path, in_channels, exp
     assert choose_config(tmp_path).name == expected
 
 
-@pytest.mark.parametrize("hidden_size, prediction_type, named", [(1024, "epsilon", "SD 1.x diffusers folders"),
+@pytest.mark.parametrize("hidden_size, prediction_type, named", [(1024, "epsilon", "of no family we load"),
                                                                  (768, "v_prediction", "'v_prediction'")])
 def test_folders_of_other_families_are_refused_in_one_line(tmp_path, hidden_size, prediction_type, named):
     write_pipeline_files(tmp_path, prediction_type=prediction_type)
@@ -134,3 +135,21 @@ def test_a_full_size_sd1_folder_loads_to_the_original_weights(tmp_path):
     model = load_model(folder, log=lambda line: None).model  # the config chosen from the folder
     half = {k: v.half().float() if v.is_floating_point() else v for k, v in original.items()}
     assert_same_weights(model.state_dict(), half, ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+
+
+@pytest.mark.slow
+def test_a_full_size_sd2_v_folder_saved_by_diffusers_loads_to_the_original_weights(tmp_path):
+    """diffusers' SD 2.x text encoder has 23 of OpenCLIP ViT-H's 24 blocks: ours builds those the penultimate
+    layer runs, so the folder loads with nothing missing; the config is chosen from the folder (v-prediction)."""
+    from ldm.diffusers_export import tokenizer_files
+
+    for name, text in tokenizer_files(pad_token=0).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    original = {k: v.contiguous() for k, v in random_state_dict(meta_state_dict(V2V_CONFIG), seed=12).items()}
+    folder = save_diffusers_pipeline(tmp_path / "pipe", V2V_CONFIG, original, tmp_path, (1024, 16), variant="fp16")
+    assert choose_config(folder) == V2V_CONFIG
+    model = load_model(folder, log=lambda line: None).model
+    half = {k: v.half().float() if v.is_floating_point() else v for k, v in original.items()}
+    del original
+    assert_same_weights(model.state_dict(), half, ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+    assert model.parameterization == "v" and len(model.cond_stage_model.model.transformer.resblocks) == 23

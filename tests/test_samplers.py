@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import build_full_size_random, relative_error
+from helpers import build_full_size_random, record_calls, relative_error
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -234,18 +234,6 @@ def test_dpm_first_step_and_last_of_a_short_run_are_first_order():
 
 
 # --- (3) guidance and parameterisations ---------------------------------------------------------------------
-def record_calls(monkeypatch, model):
-    calls = []
-    apply_model = model.apply_model
-
-    def recording(x, t, cond):
-        calls.append(x.shape[0])
-        return apply_model(x, t, cond)
-
-    monkeypatch.setattr(model, "apply_model", recording)
-    return calls
-
-
 @pytest.mark.parametrize("scale,with_uncond,expected_batch", [(1.0, True, 2), (7.5, False, 2), (7.5, True, 4)])
 def test_one_model_call_per_step_with_the_unconditional_half_only_when_guiding(
         tiny_model, monkeypatch, scale, with_uncond, expected_batch):

@@ -57,7 +57,10 @@ def test_state_dict_matches_the_original_checkpoint(encoder_class, layout):
         encoder = encoder_class()
     expected = {k: shape for k, (shape, kind) in reference_keys(layout).items() if kind != "extra(legacy,not-in-model)"}
     ours = {k: list(v.shape) for k, v in encoder.state_dict().items()}
-    assert ours == expected
+    # SD 2.x's encoder leaves out OpenCLIP's image-text head (and with "penultimate" the last block): unused
+    not_built = encoder.unused_checkpoint_keys() if hasattr(encoder, "unused_checkpoint_keys") else ()
+    assert ours == {k: shape for k, shape in expected.items() if not k.startswith(not_built)}
+    assert all(any(k.startswith(prefix) for k in expected) for prefix in not_built)
     assert not any(p.requires_grad for p in encoder.parameters())  # freeze=True by default
 
 

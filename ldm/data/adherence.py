@@ -164,6 +164,17 @@ def _position(box, height, width):
     return "top" if offset_y < 0 else "bottom"
 
 
+def object_mask(image):
+    """(the object's pixels: the largest region not of the background's palette colour, an HxW bool array;
+    the background's index into COLORS: the commonest palette colour of the border) of an HxWx3 RGB image."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+    labels = nearest_palette_index(image)
+    background_index = int(np.bincount(_border_pixels(labels), minlength=len(COLORS)).argmax())
+    return largest_component(labels != background_index), background_index
+
+
 def check_image(image):
     """Predict {shape, color, background, size, position} of a uint8 HWC RGB image.
 
@@ -171,14 +182,9 @@ def check_image(image):
     background), so they score as wrong.
     """
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    labels = nearest_palette_index(image)
-    background_index = int(np.bincount(_border_pixels(labels), minlength=len(COLORS)).argmax())
+    component, background_index = object_mask(image)
     prediction = dict.fromkeys(ATTRIBUTES)
     prediction["background"] = COLORS[background_index]
-
-    component = largest_component(labels != background_index)
     if not component.any():
         return prediction
 

@@ -11,6 +11,10 @@ class Interrupted(Exception):
     """Ctrl-C during sampling: the run stops after the current step; finished images are kept."""
 
 
+class Skipped(Interrupted):
+    """A server's Skip (A1111's): the current batch stops and is dropped, the run goes on with the next one."""
+
+
 def exit_quietly_on_ctrl_c(line: str = "interrupted by Ctrl-C while starting: nothing was saved"):
     """Ctrl-C in the seconds a script spends importing torch exits 130 with one line instead of a traceback.
 

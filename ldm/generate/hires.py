@@ -34,6 +34,7 @@ from ldm.generate.extra_networks import parse_prompt
 from ldm.generate.img2img import noised_start
 from ldm.generate.rng import ImageNoise
 from ldm.generate.run import BatchInputs, Start, decode
+from ldm.generate import speedups
 from ldm.models.diffusion import samplers
 from ldm.models.diffusion.sampling import Schedule
 
@@ -227,12 +228,14 @@ class SecondPass:
         """The hires prompts' conditioning (AND parts read, as the first pass's); their <lora:...> tags are taken
         out of the text, and the first pass's LoRAs stay applied (A1111 switches to the hires prompt's set)."""
         batch, settings = self.batch, self.settings
-        cond = batch.cond
+        cond, uncond = batch.cond, batch.uncond
         if settings.prompt:
             cond = batch.condition([parse_prompt(settings.prompt).text] * batch.size, composable=True)
-        if batch.uncond is None or not settings.negative_prompt:
-            return cond, batch.uncond
-        return cond, batch.condition([parse_prompt(settings.negative_prompt).text] * batch.size)
+        if uncond is not None and settings.negative_prompt:
+            uncond = batch.condition([parse_prompt(settings.negative_prompt).text] * batch.size)
+        # SDXL is told the upscaled size, as A1111 conditions its hires pass
+        size = batch.job.size_conditioning(self.sizes.upscale_height, self.sizes.upscale_width)
+        return cond.resized(size), None if uncond is None else uncond.resized(size)
 
     def __call__(self, latents: torch.Tensor, sampled) -> torch.Tensor:
         batch, settings, job = self.batch, self.settings, self.batch.job
@@ -265,11 +268,12 @@ def add_arguments(parser):
     group.add_argument("--hr_prompt", default="", help="the second pass's prompt (default: the first pass's)")
     group.add_argument("--hr_negative_prompt", default="",
                        help="the second pass's negative prompt (default: the first pass's)")
+    speedups.add_hires_argument(group)
 
 
 # the options that mean something only with the hires fix on, and their defaults
 HIRES_ONLY = {"hr_upscaler": DEFAULT_UPSCALER, "hr_second_pass_steps": 0, "denoising_strength": DEFAULT_STRENGTH,
-              "hr_prompt": "", "hr_negative_prompt": ""}
+              "hr_prompt": "", "hr_negative_prompt": "", "token_merging_ratio_hr": 0.0}
 
 
 def settings_from_args(args) -> HiresSettings | None:

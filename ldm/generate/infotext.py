@@ -94,6 +94,10 @@ FIELD_OPTIONS = {
     "Hires negative prompt": ("hr_negative_prompt",),
     "Clip skip": ("clip_skip",),
     "RNG": ("rng",),
+    "Token merging ratio": ("token_merging_ratio",),
+    "Token merging ratio hr": ("token_merging_ratio_hr",),
+    "DeepCache": ("deepcache",),
+    "DeepCache schedule": ("deepcache_schedule",),
 }
 # Fields that describe the run rather than set an option: never reported as ignored.
 DESCRIPTIVE_FIELDS = {"Model hash", "Model", "VAE hash", "VAE", "Version", "Batch size", "Batch pos",
@@ -123,6 +127,10 @@ def png_option_defaults(text: str, dests: set, log=print) -> dict:
     strength_dest = "strength" if "strength" in dests else "denoising_strength"
     table = {**FIELD_OPTIONS, "Denoising strength": (strength_dest,)}
     values, unused = {"prompt": prompt, "negative_prompt": negative}, []
+    if "control_from_png" in dests:  # ControlNet units: their options, not their pictures (ldm.generate.control)
+        from ldm.generate.control import png_units
+        values["control_from_png"] = png_units(fields, log) or None
+        fields = {key: value for key, value in fields.items() if not re.fullmatch(r"ControlNet \d+", key)}
     for key, value in fields.items():
         option_dests = table.get(key)
         if option_dests and set(option_dests) <= dests:

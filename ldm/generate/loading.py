@@ -23,6 +23,7 @@ MODEL_KINDS = {
     "LatentInpaintDiffusion": ("inpainting", "scripts/inpaint.py"),
     "LatentUpscaleDiffusion": ("x4 upscaling", "scripts/upscale.py"),
     "LatentDepth2ImageDiffusion": ("depth-to-image", "scripts/depth2img.py"),
+    "ImageEmbeddingConditionedLatentDiffusion": ("image variations", "scripts/variations.py"),
 }
 TEXT_TO_IMAGE = ("text-to-image", "scripts/txt2img.py, img2img.py or inpaint.py")
 
@@ -160,7 +161,7 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """One of: text-to-image, inpainting, x4 upscaling, depth-to-image."""
+        """One of: text-to-image, inpainting, x4 upscaling, depth-to-image, image variations."""
         return MODEL_KINDS.get(type(self.model).__name__, TEXT_TO_IMAGE)[0]
 
     def require_kind(self, script: str, *kinds: str):

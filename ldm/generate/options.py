@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.generate import images, infotext, loading, memory
+from ldm.generate import control, distilled, images, infotext, loading, memory, refiner, sharding, speedups
 from ldm.generate.errors import UserError
 from ldm.modules.prompt_encoding import EMPHASIS_MODES
 from ldm.generate.extra_networks import DEFAULT_LORA_DIR, PromptNetworks
@@ -47,7 +47,9 @@ def add_model_arguments(parser, default_config=None):
     group.add_argument("--vae", default=None, metavar="PATH",
                        help="replace the checkpoint's autoencoder by this VAE file (.pt, .ckpt or .safetensors, e.g. "
                             "vae-ft-mse-840000-ema-pruned); default: <ckpt>.vae.pt/.vae.ckpt/.vae.safetensors beside "
-                            "the checkpoint when there is one (as A1111); none = the checkpoint's own")
+                            "the checkpoint when there is one (as A1111); none = the checkpoint's own; taesd (taesdxl "
+                            "for SDXL), a TAESD file or AutoencoderTiny folder: the tiny autoencoder, decoding in a "
+                            "fraction of the time with a softer picture (files from models/VAE-taesd)")
     group.add_argument("--embeddings_dir", default=None, metavar="DIR",
                        help="textual-inversion embeddings (.pt, .bin, .safetensors; subfolders too), each used where "
                             "its file name appears in a prompt, as A1111's; default embeddings/ when it exists")
@@ -69,7 +71,8 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
     group.add_argument("--from-file", dest="from_file", default=None,
                        help="a text file, one prompt a line (blank lines skipped), in batches of --n_samples")
     group.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this many times")
-    group.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=steps, help="sampling steps")
+    group.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=distilled.parser_default(steps),
+                       help="sampling steps")
     group.add_argument("--sampler", default=None,
                        help=f"the sampler, any case: {samplers.sampler_choices()}; keys such as euler_a or dpmpp_2m, "
                             "and A1111's names with a schedule such as \"DPM++ 2M Karras\", too (default DDIM)")
@@ -81,7 +84,10 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
                        help="DPM-Solver++ (2M) sampler")
     group.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     add_sampler_option_arguments(group)
-    group.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
+    distilled.add_arguments(group)
+    speedups.add_arguments(group)
+    group.add_argument("--scale", type=float, default=distilled.parser_default(float(scale)),
+                       help="classifier-free guidance scale (1: no guidance, one UNet call per step)")
     group.add_argument("--clip_skip", type=int, default=1,
                        help="A1111's clip skip: 1 = the text encoder's last layer, 2 = the one before it (SD 1.x; "
                             "SD 2.x keeps its configured layer, as in A1111)")
@@ -100,7 +106,37 @@ def add_sampling_arguments(parser, steps=50, scale=7.5, n_samples=3, n_iter=2):
     group.add_argument("--fixed_code", action="store_true", help="one start noise shared by every batch")
     infotext.add_from_png_argument(group)
     add_seed_arguments(group)
+    add_size_conditioning_arguments(parser)
     add_lora_arguments(parser)
+    refiner.add_arguments(parser)
+
+
+SIZE_CONDITIONING_FLAGS = {"original_size": "--original_size", "crop_coords": "--crop_coords",
+                           "target_size": "--target_size"}
+
+
+def add_size_conditioning_arguments(parser):
+    group = parser.add_argument_group("SDXL size conditioning (what the model is told of the picture, in pixels)")
+    group.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                       help="the size of the picture the output is to look cut from (default: the output's size)")
+    group.add_argument("--crop_coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                       help="where the output's crop starts in that picture (default: 0 0, uncropped)")
+    group.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                       help="the size asked for (default: the output's size)")
+
+
+def check_size_conditioning(args, loaded):
+    """SDXL's size options: refused for other models, which have no such input, and out of range."""
+    given = [flag for name, flag in SIZE_CONDITIONING_FLAGS.items() if getattr(args, name, None) is not None]
+    if given and not hasattr(loaded.model, "native_size_conditioning"):
+        raise UserError(f"{given[0]} applies to SDXL models only, and {loaded.ckpt_path.name} is not one: drop it")
+    for name in ("original_size", "target_size"):
+        if getattr(args, name, None) is not None and min(getattr(args, name)) < 1:
+            raise UserError(f"{SIZE_CONDITIONING_FLAGS[name]} takes a height and a width of at least 1 pixel "
+                            f"(got {' '.join(map(str, getattr(args, name)))})")
+    if getattr(args, "crop_coords", None) is not None and min(args.crop_coords) < 0:
+        raise UserError(f"--crop_coords takes a top and a left of 0 or more (got {args.crop_coords[0]} "
+                        f"{args.crop_coords[1]})")
 
 
 def add_lora_arguments(parser):
@@ -181,6 +217,11 @@ def add_output_arguments(parser, outdir):
     group.add_argument("--skip_save", action="store_true", help="do not save the single images")
     group.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     group.add_argument("--no_watermark", action="store_true", help="do not embed the invisible watermark")
+    group.add_argument("--resume", action="store_true",
+                       help="note every file in <outdir>/manifest.jsonl and, when the manifest is there, make only "
+                            "the batches it does not list as complete (after a crash, a pre-emption or Ctrl-C): the "
+                            "files are those of an uninterrupted run. Under torchrun the manifest is always written; "
+                            "pass --resume there too to continue one (and for torchrun's --max_restarts)")
 
 
 def chosen_sampler(args) -> str:
@@ -324,12 +365,16 @@ def prepare_run(args, batches: list | None = None, log=print):
     Returns (sampler, prompt batches); batches: the caller's own (the Python API's), None for --prompt's or
     --from-file's.
     """
+    distilled.apply_to_args(args, batches, log)  # a turbo or LCM model's defaults for the options not given
     check_sampling_arguments(args)
+    control.prepare_args(args)  # the ControlNet units: bad counts or values before anything is loaded
     sampler = chosen_sampler(args)
     if batches is None:
         batches = prompt_batches(args.prompt, args.from_file, args.n_samples, args.repeat)
     args.lora_networks = PromptNetworks.from_args(args, log)
     args.lora_networks.check(batches, args.negative_prompt)  # a missing or bad LoRA: before loading the model
+    args.refiner_settings = refiner.settings_from_args(args)
+    args.speedups = speedups.from_args(args)
     check_seed_range(args, args.n_iter * sum(len(batch) for batch in batches))
     return sampler, batches
 
@@ -339,8 +384,9 @@ def prepare_output(args):
     be written and is created only by the first file saved, so a run that fails before leaves no empty folders.
     """
     sampler, batches = prepare_run(args)
-    folder = OutputFolder(args.outdir, save_samples=not args.skip_save)
+    folder = OutputFolder(args.outdir, save_samples=not args.skip_save, resume=args.resume)
     folder.check_writable()
+    sharding.start(args, folder)  # under torchrun: this process's share, device and threads
     return sampler, batches, folder
 
 
@@ -352,8 +398,14 @@ def job_from_args(args, sampler: str, batches: list, height: int, width: int) ->
         sampler_options=sampler_options_from_args(args), quantize=args.sigma_quantization, height=height, width=width, seed=args.seed,
         rng=args.rng, **seed_fields(args), fixed_code=args.fixed_code, n_rows=args.n_rows, save_grid=not args.skip_grid,
         watermark=not args.no_watermark, networks=getattr(args, "lora_networks", None), clip_skip=args.clip_skip,
-        emphasis=args.emphasis,
+        emphasis=args.emphasis, **size_conditioning_fields(args), **control.job_fields(args),
+        refiner=getattr(args, "refiner_settings", None), speedups=getattr(args, "speedups", None) or speedups.Speedups(),
     )
+
+
+def size_conditioning_fields(args) -> dict:
+    """The Job's SDXL size fields from --original_size, --crop_coords and --target_size (as tuples)."""
+    return {name: tuple(getattr(args, name)) for name in SIZE_CONDITIONING_FLAGS if getattr(args, name, None)}
 
 
 def seed_fields(args) -> dict:
@@ -419,6 +471,7 @@ def job_for_model(args, sampler: str, batches: list, loaded, height: int, width:
     (`upscaled`: the output is the input times the model's downsampling factor; final_size: the (height,
     width) of txt2img's hires pass, where the run peaks)."""
     check_steps(args.ddim_steps, loaded.model.num_timesteps, f"{loaded.ckpt_path.name}'s schedule")
+    check_size_conditioning(args, loaded)
     architecture = memory.Architecture.from_config(loaded.config)
     itemsize = loaded.dtype.itemsize
     peak_height, peak_width = final_size or (height, width)

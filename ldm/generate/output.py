@@ -195,12 +195,14 @@ def _highest_number(folder: Path, pattern: re.Pattern) -> int:
     return max(numbers, default=-1)
 
 
-def _publish_numbered(temp: Path, folder: Path, pattern: re.Pattern, name_format: str) -> Path:
-    """Publish under the number after the highest in the folder, or after the last one tried when that
-    name was taken (by another run, or by a name the pattern does not see)."""
+def _publish_numbered(temp: Path, folder: Path, pattern: re.Pattern, name_format: str,
+                       wanted: int | None = None) -> Path:
+    """Publish under `wanted` (a number reserved for this file), or when that is None or taken under the
+    number after the highest in the folder, or after the last one tried when that name was taken (by
+    another run, or by a name the pattern does not see)."""
     number = -1
-    for _ in range(MAX_NAME_TRIES):
-        number = max(_highest_number(folder, pattern), number) + 1
+    for attempt in range(MAX_NAME_TRIES):
+        number = wanted if attempt == 0 and wanted is not None else max(_highest_number(folder, pattern), number) + 1
         target = folder / name_format.format(number)
         try:
             _publish(temp, target)
@@ -251,11 +253,15 @@ class OutputFolder:
     # Case-insensitive: on such filesystems 00000.PNG takes the name 00000.png.
     SAMPLE = re.compile(r"(\d+)\.png", re.IGNORECASE)
     GRID = re.compile(r"grid-(\d+)\.png", re.IGNORECASE)
+    SAMPLE_NAME = "{:05}.png"
 
-    def __init__(self, outdir, save_samples: bool = True):
+    def __init__(self, outdir, save_samples: bool = True, resume: bool = False):
+        """resume: --resume, a run that notes its files in a manifest and makes only what is missing
+        (ldm.generate.sharding)."""
         self.outdir = Path(outdir)
         self.samples = self.outdir / "samples"
         self.save_samples = save_samples
+        self.resume = resume
         self.made_folders = MadeFolders()
         self.files_saved = 0
 
@@ -265,7 +271,7 @@ class OutputFolder:
             check_can_create(folder)
 
     def _save(self, what: str, folder: Path, pattern: re.Pattern, name_format: str, image: np.ndarray,
-              text: str | None) -> Path:
+              text: str | None, number: int | None = None) -> Path:
         png = PngImagePlugin.PngInfo()
         if text:
             png.add_text("parameters", text)
@@ -273,7 +279,7 @@ class OutputFolder:
         try:
             self.made_folders.make(folder)
             temp = _write_partial(folder, ".png", lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=png))
-            target = _publish_numbered(temp, folder, pattern, name_format)
+            target = _publish_numbered(temp, folder, pattern, name_format, number)
         except BaseException as error:  # a failed write or Ctrl-C
             if temp is not None:
                 temp.unlink(missing_ok=True)
@@ -285,8 +291,16 @@ class OutputFolder:
         self.files_saved += 1
         return target
 
-    def save_sample(self, image: np.ndarray, text: str | None) -> Path:
-        return self._save("a picture", self.samples, self.SAMPLE, "{:05}.png", image, text)
+    def save_sample(self, image: np.ndarray, text: str | None, number: int | None = None) -> Path:
+        """number: the file's reserved number; another is taken if a file already has it (never overwritten)."""
+        return self._save("a picture", self.samples, self.SAMPLE, self.SAMPLE_NAME, image, text, number)
+
+    def next_sample_number(self) -> int:
+        """The number the next picture would get."""
+        return _highest_number(self.samples, self.SAMPLE) + 1
+
+    def sample_path(self, number: int) -> Path:
+        return self.samples / self.SAMPLE_NAME.format(number)
 
     def save_grid(self, image: np.ndarray, text: str | None) -> Path:
         return self._save("the grid", self.outdir, self.GRID, "grid-{:04}.png", image, text)

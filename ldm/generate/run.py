@@ -16,16 +16,20 @@ from typing import Callable
 
 import torch
 
-from ldm.generate.errors import Interrupted
+from ldm.generate.control import start_control
+from ldm.generate.errors import Interrupted, Skipped
 from ldm.generate.extra_networks import AppliedNetworks, PromptNetworks
 from ldm.modules.embeddings import ti_hashes
 from ldm.generate.output import OutputFolder, SaveFailed, Watermarker, infotext, make_grid, to_uint8_images
 from ldm.generate.progress import StopFlag, progress_bar, step_callback
 from ldm.generate.conditioning import EMPHASIS_NAMES, Conditioner, resolve, schedule_steps
+from ldm.generate.refiner import RefinerPass
 from ldm.generate.rng import RNG_INFOTEXT_NAMES, ImageNoise, RunSeeds, noise_source
+from ldm.generate.speedups import Speedups, for_pass, infotext_fields as speedup_fields
 from ldm.models.diffusion.sampler_options import SamplerOptions, infotext_fields as option_fields
 from ldm.models.diffusion.samplers import REGISTRY, infotext_fields, sample
 from ldm.models.diffusion.sampling import GuidedDenoiser
+from ldm.modules.encoders.sdxl_conditioner import SizeConditioning
 from ldm.models.tiling import DECODE_TILED_ABOVE_PIXELS, TILE_PIXELS, decode_tiled, needs_tiling
 
 VERSION = "ldm 0.1.0"
@@ -60,6 +64,22 @@ class Job:
     clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before (SD 1.x)
     emphasis: str = "original"  # A1111's Emphasis (prompt_encoding.EMPHASIS_MODES)
     networks: PromptNetworks | None = None  # LoRAs (--lora, the prompts' tags); None: the tags', from models/Lora
+    # SDXL's size micro-conditioning, (height, width) / (top, left) in pixels; None: the output's size
+    original_size: tuple[int, int] | None = None
+    crop_coords: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    refiner: object = None  # ldm.generate.refiner.RefinerSettings: a model that takes over the sampling; None: none
+    control: list = field(default_factory=list)  # ldm.generate.control.ControlUnit: ControlNets steering each pass
+    speedups: Speedups = field(default_factory=Speedups)  # step caching and token merging (off by default)
+    controlnet_dirs: tuple = ()  # where a unit's ControlNet is found by name (--controlnet_dir), before the defaults
+    save_control_maps: bool = False  # each unit's detected map beside the outputs (control-NNNN.png)
+
+    def size_conditioning(self, height: int | None = None, width: int | None = None) -> SizeConditioning:
+        """What SDXL is told of the picture's size: as A1111 and diffusers, the output's size by default (that
+        of the pass: height and width, a hires pass's; the job's by default)."""
+        own = (height or self.height, width or self.width)
+        return SizeConditioning(original_size=self.original_size or own, target_size=self.target_size or own,
+                                crop_coords=self.crop_coords)
 
 
 @dataclass
@@ -68,6 +88,7 @@ class RunReport:
     failed: list = field(default_factory=list)
     grid: object = None
     interrupted: str | None = None
+    skipped: list = field(default_factory=list)  # numbers of the batches a Skip dropped
     save_failed: str | None = None  # why a file could not be written; the run stopped there
 
 
@@ -230,7 +251,8 @@ class _Run:
                 log(f"{flag} -1: the random seed {real} ({flag} {real} makes this run again)")
         self.noise = SeededNoise(self.seeds.seed, job.fixed_code, job.rng)
         self.images_before = self.batch_first_image = 0  # the run's image index of this batch's first image
-        self.condition = Conditioner(loaded, log, job.emphasis, job.clip_skip, getattr(loaded, "embeddings", None))
+        self.condition = Conditioner(loaded, log, job.emphasis, job.clip_skip, getattr(loaded, "embeddings", None),
+                                     size=job.size_conditioning())
         if getattr(loaded, "embeddings", None) is not None:
             loaded.embeddings.forget_used()  # the infotext's "TI hashes" name this run's embeddings
         self.networks = job.networks or PromptNetworks(log=log)
@@ -238,7 +260,9 @@ class _Run:
         self.network_fields, self.grid_network_fields = {}, None  # the batch's and the first batch's
         self.watermark = Watermarker(loaded.watermark_text if job.watermark else None)
         self.report, self.grid_images, self.tiling_announced = RunReport(), [], False
+        self.refiner = None if job.refiner is None else RefinerPass(job.refiner, loaded, job, log)
         self.total_batches = job.n_iter * len(job.batches)
+        self.control = None  # ldm.generate.control.RunControl, made after the task's checks
 
     def all_batches(self) -> RunReport:
         job = self.job
@@ -247,25 +271,37 @@ class _Run:
                 self.networks.check(job.batches, job.negative_prompt)
                 self.applied_networks.check(job.batches, job.negative_prompt)
                 self.task.prepare(job, self.loaded, self.log)
+                self.control = start_control(job, self.loaded, self.folder, self.log)
                 try:
-                    for iteration in range(job.n_iter):
-                        for batch_index, prompts in enumerate(job.batches):
-                            number = iteration * len(job.batches) + batch_index + 1
+                    for number, prompts in self.numbered_batches():
+                        try:
                             self.one_batch(prompts, number)
-                            if self.stop.requested:  # a batch without sampling steps (img2img at strength 0) stops here
-                                raise Interrupted(f"the end of batch {number} of {self.total_batches}")
+                        except Skipped:  # its seeds are used up, so the next batch keeps its own
+                            self.report.skipped.append(number)
+                        if self.stop.requested:  # a batch without sampling steps (img2img at strength 0) stops here
+                            raise Interrupted(f"the end of batch {number} of {self.total_batches}")
                 except Interrupted as where:
                     self.report.interrupted = str(where)
-            if job.save_grid and self.grid_images:
-                batch_size = max(len(batch) for batch in job.batches)
-                grid = self.watermark.apply(make_grid(self.grid_images, job.n_rows or batch_size))
-                text = infotext(job.batches[0][0], job.negative_prompt, self.fields(batch_size, None))
-                self.report.grid = self.folder.save_grid(grid, text)
+            self.save_grid()
         except SaveFailed as error:  # a full disk or the like: what is saved stays, nothing more is tried
             self.report.save_failed = str(error)
         finally:  # a later run of this loaded model (the server's next request) starts from its own weights
             self.applied_networks.restore()
         return self.report
+
+    def numbered_batches(self):
+        """(number, prompts) of the batches this run makes; numbers count from 1 across the iterations."""
+        for iteration in range(self.job.n_iter):
+            for batch_index, prompts in enumerate(self.job.batches):
+                yield iteration * len(self.job.batches) + batch_index + 1, prompts
+
+    def save_grid(self):
+        job = self.job
+        if job.save_grid and self.grid_images:
+            batch_size = max(len(batch) for batch in job.batches)
+            grid = self.watermark.apply(make_grid(self.grid_images, job.n_rows or batch_size))
+            text = infotext(job.batches[0][0], job.negative_prompt, self.fields(batch_size, None))
+            self.report.grid = self.folder.save_grid(grid, text)
 
     def one_batch(self, prompts: list[str], number: int):
         job = self.job
@@ -284,9 +320,10 @@ class _Run:
         self.new_batch_noise(batch)
         start = self.task.start(batch)
         label = f"batch {number}/{self.total_batches}"
-        latents = self.sampled(start, label)
+        # the refiner takes over the batch's last pass (A1111's default with the hires fix: its second pass)
+        latents = self.sampled(start, label, refine=start.second_pass is None)
         if start.second_pass is not None:
-            latents = start.second_pass(latents, lambda second: self.sampled(second, f"{label} hires"))
+            latents = start.second_pass(latents, lambda second: self.sampled(second, f"{label} hires", refine=True, hires=True))
         if start.finish_latents is not None:
             latents = start.finish_latents(latents)
         if needs_tiling(latents.shape, self.loaded.downsampling_factor) and not self.tiling_announced:
@@ -300,7 +337,7 @@ class _Run:
             self.save(image, decoded[position], prompt, f"batch {number} image {position + 1} ({prompt[:40]!r})",
                       len(prompts), position)
 
-    def sampled(self, start: Start, label: str) -> torch.Tensor:
+    def sampled(self, start: Start, label: str, refine: bool = False, hires: bool = False) -> torch.Tensor:
         """The start's latents after its steps, with a progress bar and Ctrl-C honoured at each step."""
         job, steps = self.job, start.steps or self.job.steps
         latents = start.latents.to(self.loaded.device)
@@ -309,13 +346,29 @@ class _Run:
         text_steps = schedule_steps(job.sampler, steps)
         cond, uncond = resolve(start.cond, text_steps), resolve(start.uncond, text_steps)  # before the UNet (--lowmem)
         self.loaded.use("model")
+        control = None if self.control is None else self.control.for_pass(steps - start.skip_steps)
         denoiser = GuidedDenoiser(self.loaded.model, cond, uncond, job.scale, dtype=self.loaded.dtype,
-                                  device=self.loaded.device)
-        with progress_bar(steps - start.skip_steps, label) as bar:
-            return sample(job.sampler, denoiser, latents, steps, skip_steps=start.skip_steps, eta=job.eta,
-                          sampler_options=job.sampler_options, quantize=job.quantize, schedule=job.schedule,
-                          noise_source=self.noise.source, callback=step_callback(bar, self.stop, self.preview),
-                          blend=start.blend)
+                                  device=self.loaded.device, control=control)
+        refiner = self.refiner if refine else None
+        if refiner is not None:
+            denoiser = refiner.switching(denoiser, start.cond, start.uncond, text_steps)
+        # the batch's first image's seed: token merging's random picks follow the seed as the noise does
+        merge_seed = self.seeds.image_seed(0 if job.seed_mode == "batch" else self.batch_first_image)
+        with progress_bar(steps - start.skip_steps, label) as bar, for_pass(
+                job.speedups, self.loaded.model.model.diffusion_model, steps - start.skip_steps, merge_seed,
+                hires) as counting:
+            callback = counting(step_callback(bar, self.stop, self.preview))
+            try:
+                latents = sample(job.sampler, denoiser, latents, steps, skip_steps=start.skip_steps, eta=job.eta,
+                                 sampler_options=job.sampler_options, quantize=job.quantize, schedule=job.schedule,
+                                 noise_source=self.noise.source, blend=start.blend,
+                                 callback=callback if control is None else control.counting(callback))
+            finally:
+                if refiner is not None:
+                    refiner.finish(steps)
+        if control is not None:
+            self.control.after_pass()
+        return latents
 
     def save(self, image, decoded_image, prompt, label, batch_size, position):
         """One picture: refused if its decode is NaN (the rest of the batch goes on), else watermarked and saved."""
@@ -331,8 +384,12 @@ class _Run:
         image = self.watermark.apply(image)
         if self.folder.save_samples:
             text = infotext(prompt, self.job.negative_prompt, self.fields(batch_size, position))
-            self.report.saved.append(self.folder.save_sample(image, text))
+            self.report.saved.append(self.save_sample(image, text, position))
         self.grid_images.append(image)
+
+    def save_sample(self, image, text: str, position: int):
+        """Image `position` of the batch as the next numbered file."""
+        return self.folder.save_sample(image, text)
 
     def new_batch_noise(self, batch: BatchInputs):
         """Batch mode: the run's one source goes on. A1111 mode: each image its seed's source; with
@@ -352,13 +409,14 @@ class _Run:
         """Image `position` of this batch's fields; position None: the grid's, which names the run's first image."""
         index = 0 if position is None or self.job.seed_mode == "batch" else self.batch_first_image + position
         networks = self.grid_network_fields if position is None else self.network_fields
-        return job_fields(self.job, self.loaded, batch_size, position, self.task.fields(self.job),
+        control = {} if self.control is None else self.control.infotext_fields()
+        return job_fields(self.job, self.loaded, batch_size, position, {**self.task.fields(self.job), **control},
                           seed=self.seeds.image_seed(index), subseed=self.seeds.image_subseed(index),
-                          networks=networks)
+                          networks=networks, refiner=None if self.refiner is None else self.refiner.fields())
 
 
 def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None = None, seed: int | None = None,
-               subseed: int | None = None, networks: dict | None = None) -> dict:
+               subseed: int | None = None, networks: dict | None = None, refiner: dict | None = None) -> dict:
     """The A1111 `key: value` fields, in their order; seed and subseed: the image's own (default job.seed);
     networks: the batch's "Lora hashes" (after RNG, as A1111's extra generation parameters)."""
     fields = {
@@ -381,12 +439,14 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
     fields.update(extra or {})
     if job.clip_skip > 1:
         fields["Clip skip"] = job.clip_skip
+    fields.update(size_conditioning_fields(job))
     if job.emphasis != "original":
         fields["Emphasis"] = EMPHASIS_NAMES[job.emphasis]
     if ensd_changes_image(job):  # as A1111: written only where the sampler draws noise that ENSD reseeds
         fields["ENSD"] = job.ensd
     if job.eta:
         fields["Eta DDIM"] = job.eta  # A1111's name for DDIM's eta; "Eta" is the k-samplers'
+    fields.update(speedup_fields(job.speedups))  # A1111's "Token merging ratio" comes after ENSD
     fields.update(option_fields(REGISTRY[job.sampler].function, job.sampler_options))
     fields["Batch size"] = batch_size
     fields["Batch pos"] = position
@@ -398,7 +458,19 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
     used_embeddings = ti_hashes(loaded.embeddings.used.values()) if getattr(loaded, "embeddings", None) else None
     if used_embeddings:  # A1111's order: after "Lora hashes"
         fields["TI hashes"] = used_embeddings
+    fields.update(refiner or {})  # A1111's "Refiner", "Refiner switch at": added when it takes over
     fields["Version"] = VERSION
+    return fields
+
+
+def size_conditioning_fields(job: Job) -> dict:
+    """SDXL's size micro-conditioning where it is not the default, sizes as WxH like "Size" (A1111 writes none)."""
+    fields = {}
+    for name, size in (("Original size", job.original_size), ("Target size", job.target_size)):
+        if size is not None and tuple(size) != (job.height, job.width):
+            fields[name] = f"{size[1]}x{size[0]}"
+    if tuple(job.crop_coords) != (0, 0):
+        fields["Crop top"], fields["Crop left"] = job.crop_coords
     return fields
 
 
@@ -412,6 +484,10 @@ def ensd_changes_image(job: Job) -> bool:
 def run_and_report(job: Job, task: Task, loaded, folder: OutputFolder) -> int:
     """Run with Ctrl-C caught, print where the pictures went; the exit status: 130 interrupted, 1 when a
     picture came out NaN or a file could not be written (disk full, file-size limit: one line on stderr)."""
+    from ldm.generate import sharding  # it builds on this module
+
+    if sharding.wanted(folder):
+        return sharding.run_and_report(job, task, loaded, folder)
     stop = StopFlag()
     this_run = _Run(job, task, loaded, folder, print, stop)
     with stop.catching_sigint():

@@ -1,7 +1,7 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of the UNet's encoder that reads a control image.
 
-Time embedding -> the hint's conv stack (the control image at 8x the latent's size, down to the latent's
-size and model_channels wide) added to the first input block's output -> the UNet's input blocks and
+Time embedding -> the hint's conv stack (the control image at 8x the latent's size, or `hint_downsample`x
+for a model whose autoencoder downsamples otherwise, down to the latent's size and model_channels wide) added to the first input block's output -> the UNet's input blocks and
 middle block, copied -> a zero-initialised 1x1 convolution on each input block's output and on the middle
 block's output. The 13 (for SD) results are the residuals the UNet's `control=` adds to its skip
 connections and to its middle block (ldm.modules.diffusionmodules.openaimodel.UNetModel.forward).
@@ -23,7 +23,7 @@ from ldm.util import instantiate_from_config
 # of them halve the size; a SiLU follows each but the last, a zero-initialised convolution to model_channels.
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
-HINT_DOWNSAMPLING = 8
+HINT_DOWNSAMPLING = 8  # the original's: SD's autoencoder has f=8
 
 
 def zero_convolution(channels: int) -> nn.Sequential:
@@ -31,9 +31,22 @@ def zero_convolution(channels: int) -> nn.Sequential:
     return nn.Sequential(zero_module(nn.Conv2d(channels, channels, 1)))
 
 
-def hint_block(hint_channels: int, model_channels: int) -> nn.Sequential:
+def hint_strides(downsampling: int) -> tuple:
+    """The stride of each convolution of the hint block for a control image `downsampling` x the latent's size:
+    the original's for 8; for 4 (an f=4 autoencoder) its last halving convolution keeps the size (keys unchanged)."""
+    halvings = [index for index, stride in enumerate(HINT_STRIDES) if stride == 2]
+    kept = {8: 0, 4: 1, 2: 2, 1: 3}.get(downsampling)
+    if kept is None:
+        raise ValueError(f"hint_downsample must be 1, 2, 4 or 8, not {downsampling}")
+    strides = list(HINT_STRIDES)
+    for index in halvings[len(halvings) - kept:]:
+        strides[index] = 1
+    return tuple(strides)
+
+
+def hint_block(hint_channels: int, model_channels: int, downsampling: int = HINT_DOWNSAMPLING) -> nn.Sequential:
     layers, channels = [], hint_channels
-    for width, stride in zip(HINT_WIDTHS, HINT_STRIDES):
+    for width, stride in zip(HINT_WIDTHS, hint_strides(downsampling)):
         layers += [nn.Conv2d(channels, width, 3, padding=1, stride=stride), nn.SiLU()]
         channels = width
     layers.append(zero_module(nn.Conv2d(channels, model_channels, 3, padding=1)))
@@ -52,7 +65,7 @@ class ControlNet(UNetModel):
     half and output layer are dropped), with the hint's conv stack and a zero convolution per residual."""
 
     def __init__(self, in_channels, model_channels, hint_channels, num_res_blocks, attention_resolutions,
-                 global_average_pooling=False, **unet_params):
+                 global_average_pooling=False, hint_downsample=HINT_DOWNSAMPLING, **unet_params):
         if unet_params.get("num_classes") is not None:
             raise ValueError("ControlNets with class or vector conditioning (SDXL's) are not supported here")
         unet_params.pop("out_channels", None)
@@ -62,7 +75,9 @@ class ControlNet(UNetModel):
         self.hint_channels = hint_channels
         # The 1.1 shuffle model: each residual is averaged over the picture (its config says so).
         self.global_average_pooling = global_average_pooling
-        self.input_hint_block = hint_block(hint_channels, model_channels)
+        # How much larger than the latent the control image is: the base model's autoencoder factor.
+        self.hint_downsample = hint_downsample
+        self.input_hint_block = hint_block(hint_channels, model_channels, hint_downsample)
         self.zero_convs = nn.ModuleList([zero_convolution(output_channels(block)) for block in self.input_blocks])
         self.middle_block_out = zero_convolution(output_channels(self.middle_block))
 
@@ -72,12 +87,13 @@ class ControlNet(UNetModel):
         return len(self.input_blocks) + 1
 
     def forward(self, x, hint, timesteps, context):
-        """x [B, in_channels, h, w] the noisy latent, hint [B, hint_channels, 8h, 8w] the control image
-        in [0, 1], timesteps [B], context [B, tokens, context_dim] -> the residuals, in the UNet's order."""
-        expected = (x.shape[-2] * HINT_DOWNSAMPLING, x.shape[-1] * HINT_DOWNSAMPLING)
+        """x [B, in_channels, h, w] the noisy latent, hint [B, hint_channels, 8h, 8w] (hint_downsample x) the
+        control image in [0, 1], timesteps [B], context [B, tokens, context_dim] -> the residuals, in the UNet's order."""
+        factor = self.hint_downsample
+        expected = (x.shape[-2] * factor, x.shape[-1] * factor)
         if tuple(hint.shape[-2:]) != expected or hint.shape[1] != self.hint_channels:
             raise ValueError(f"the control image must be [B, {self.hint_channels}, {expected[0]}, {expected[1]}] "
-                             f"({HINT_DOWNSAMPLING}x the latent's size), not {list(hint.shape)}")
+                             f"({factor}x the latent's size), not {list(hint.shape)}")
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         context = context.to(dtype)
@@ -137,6 +153,21 @@ class ControlLDM(_ImageConditionedDiffusion):
     def image_conditioning(self, batch, latent):
         """The batch's control images (HWC in [0, 1], as the original's datasets give them)."""
         return {"c_concat": [self.get_input(batch, self.control_key).to(latent.device)]}
+
+    def load_base_model(self, state_dict: dict) -> None:
+        """Start from a trained latent-diffusion model (its checkpoint's weights, no control_model.* in them):
+        the base loaded strictly, then the control model's encoder copied from the UNet's, as the paper's
+        trainable copy (the hint block and the zero convolutions keep their fresh weights, so that the
+        controlled model starts out as the base model). ValueError naming the keys that do not fit."""
+        control_prefix = "control_model."
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [key for key in missing if not key.startswith(control_prefix)]
+        if missing or unexpected:
+            raise ValueError(f"the base model's weights do not fit this ControlLDM's base: {len(missing)} missing "
+                             f"({', '.join(missing[:2])}), {len(unexpected)} unexpected ({', '.join(unexpected[:2])})")
+        unet = self.model.diffusion_model.state_dict()
+        copied = {key: value for key, value in unet.items() if key in self.control_model.state_dict()}
+        self.control_model.load_state_dict(copied, strict=False)
 
     def trainable_parameters(self):
         params = list(self.control_model.parameters())

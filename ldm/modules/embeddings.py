@@ -9,7 +9,9 @@ Formats (what A1111's ``create_embedding_from_data`` reads):
 - A1111's ``.pt``: ``{"string_to_param": {"*": [k, dim]}, ...}``;
 - a single tensor under any name: ``.safetensors`` and older ``.pt`` files with ``emb_params`` [k, dim],
   diffusers' ``learned_embeds.bin`` ``{token: [dim] or [k, dim]}``;
-- SDXL's ``{clip_l, clip_g}`` pairs belong to another model family and are skipped.
+- SDXL's ``{"clip_l": [k, 768], "clip_g": [k, 1280]}``: each of SDXL's text encoders takes its own
+  vectors (CLIP ViT-L ``clip_l``, OpenCLIP ViT-bigG ``clip_g``; the refiner has only the latter), as A1111's
+  ``textual_inversion_key``; an SD embedding is skipped for SDXL and an SDXL embedding for SD.
 
 Nothing in a file runs: pickles go through ``torch.load(weights_only=True)``, ``.safetensors`` through
 our own reader. An embedding whose vector size is not this text encoder's (an SD 2.x embedding with an
@@ -34,6 +36,7 @@ from ldm.safetensors_reader import SafetensorsError, read_safetensors
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 DEFAULT_EMBEDDINGS_DIR = "embeddings"
 SHORT_HASH_LENGTH = 12  # A1111's Embedding.shorthash: the file's sha256, first 12 hex digits
+SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for each text encoder
 
 
 class EmbeddingError(Exception):
@@ -47,9 +50,14 @@ class EmbeddingSkipped(EmbeddingError):
 @dataclass(frozen=True, eq=False)
 class Embedding:
     name: str
-    vectors: torch.Tensor  # [k, dim] float32: what replaces the name's tokens
+    vectors: torch.Tensor  # [k, dim] float32: what replaces the name's tokens (SDXL: each encoder's side by side)
     path: Path
     sha256: str  # of the whole file, as A1111 hashes it
+    per_encoder: dict | None = None  # SDXL: {"clip_l": [k, 768], "clip_g": [k, 1280]}; None for SD
+
+    def for_encoder(self, key: str) -> "Embedding":
+        """The embedding as the text encoder `key` of SDXL_KEYS takes it: its own vectors."""
+        return Embedding(self.name, self.per_encoder[key], self.path, self.sha256)
 
     @property
     def hash(self) -> str:
@@ -89,7 +97,7 @@ def vectors_of(data, path) -> torch.Tensor:
         tensors = data["string_to_param"]
         if not isinstance(tensors, dict):
             raise EmbeddingError(f"{path}: its string_to_param is {_described(tensors)}, not a dict of tensors")
-    elif "clip_l" in data and "clip_g" in data:
+    elif is_sdxl_data(data):
         raise EmbeddingSkipped(f"embedding {path} is for SDXL (clip_l and clip_g vectors), not this model family: skipped")
     else:
         tensors = data
@@ -97,7 +105,18 @@ def vectors_of(data, path) -> torch.Tensor:
         names = ", ".join(sorted(map(str, tensors))[:4])
         raise EmbeddingError(f"{path} is not a textual-inversion embedding: an embedding holds one tensor, this "
                              f"holds {len(tensors)} entries ({names})")
-    vectors = next(iter(tensors.values())).detach()
+    return checked_vectors(next(iter(tensors.values())), path)
+
+
+def is_sdxl_data(data) -> bool:
+    return isinstance(data, dict) and all(key in data for key in SDXL_KEYS)
+
+
+def checked_vectors(vectors, path) -> torch.Tensor:
+    """A file's tensor as an embedding's vectors [k, dim] float32 (a copy), or EmbeddingError."""
+    if not isinstance(vectors, torch.Tensor):
+        raise EmbeddingError(f"{path} is not a textual-inversion embedding (it holds {_described(vectors)})")
+    vectors = vectors.detach()
     if vectors.ndim == 1:  # diffusers' learned_embeds.bin of one vector
         vectors = vectors.unsqueeze(0)
     if vectors.ndim != 2 or 0 in vectors.shape or not vectors.dtype.is_floating_point:
@@ -109,15 +128,43 @@ def vectors_of(data, path) -> torch.Tensor:
     return vectors
 
 
-def read_embedding(path, vector_size: int | None = None) -> Embedding:
+def read_embedding(path, vector_size: int | dict | None = None) -> Embedding:
     """The embedding in ``path``, named after the file; ``EmbeddingSkipped`` when its vector size is not
-    ``vector_size`` (None: any size)."""
+    ``vector_size`` (None: any size; SDXL: {key of SDXL_KEYS: size} of the model's text encoders)."""
     path = Path(path)
-    vectors = vectors_of(read_embedding_data(path), path)
+    data = read_embedding_data(path)
+    if isinstance(vector_size, dict) or (vector_size is None and is_sdxl_data(data)):
+        return read_sdxl_embedding(path, data, vector_size)
+    vectors = vectors_of(data, path)
     if vector_size is not None and vectors.shape[1] != vector_size:
         raise EmbeddingSkipped(f"embedding {path} has vectors of size {vectors.shape[1]}, this model's text encoder "
                                f"takes {vector_size} (an embedding for another model family): skipped")
     return Embedding(path.stem, vectors, path, file_sha256(path))
+
+
+def read_sdxl_embedding(path: Path, data, vector_sizes: dict | None) -> Embedding:
+    """An SDXL embedding: the vectors of each text encoder of `vector_sizes` (None: both), one count of vectors."""
+    if not is_sdxl_data(data):
+        raise EmbeddingSkipped(f"embedding {path} is for SD 1.x/2.x (one set of vectors), and this SDXL model takes "
+                               "clip_l and clip_g vectors: skipped")
+    per_encoder = {key: checked_vectors(data[key], path) for key in SDXL_KEYS}
+    if per_encoder["clip_l"].shape[0] != per_encoder["clip_g"].shape[0]:
+        raise EmbeddingError(f"embedding {path} has {per_encoder['clip_l'].shape[0]} clip_l vectors and "
+                             f"{per_encoder['clip_g'].shape[0]} clip_g vectors; an SDXL embedding has as many of each")
+    for key, size in (vector_sizes or {}).items():
+        if per_encoder[key].shape[1] != size:
+            raise EmbeddingSkipped(f"embedding {path} has {key} vectors of size {per_encoder[key].shape[1]}, this "
+                                   f"model's text encoder takes {size}: skipped")
+    vectors = torch.cat([per_encoder[key] for key in SDXL_KEYS], dim=1)
+    return Embedding(path.stem, vectors, path, file_sha256(path), per_encoder)
+
+
+def vector_sizes(text_encoder: nn.Module) -> int | dict:
+    """token_vector_size, or for SDXL's conditioner {key of SDXL_KEYS: size} of each of its text encoders."""
+    keys = getattr(text_encoder, "textual_inversion_keys", None)
+    if keys is None:
+        return token_vector_size(text_encoder)
+    return {key: token_vector_size(encoder) for key, encoder in zip(keys(), text_encoder.text_encoders)}
 
 
 def token_vector_size(text_encoder: nn.Module) -> int:
@@ -198,6 +245,13 @@ class EmbeddingDatabase:
                 return embedding, embedding.n_vectors, len(ids)
         return None
 
+    def lookup_for(self, key: str):
+        """find_embedding for SDXL's text encoder `key` (of SDXL_KEYS): the embeddings with its own vectors."""
+        def find(token_ids: list[int], position: int):
+            found = self.find_embedding(token_ids, position)
+            return None if found is None else (found[0].for_encoder(key), *found[1:])
+        return find
+
     def forget_used(self) -> None:
         """Start a new record of the embeddings used (a run's "TI hashes")."""
         self.used.clear()
@@ -216,7 +270,7 @@ def load_embeddings(folder, text_encoder: nn.Module, log: Callable[[str], None] 
                     skip_bad: bool = False) -> EmbeddingDatabase:
     """The embeddings of ``folder`` (None: ``embeddings/``) that fit ``text_encoder``, with one line
     saying which were loaded."""
-    database = EmbeddingDatabase(folder, vector_size=token_vector_size(text_encoder), log=log, skip_bad=skip_bad)
+    database = EmbeddingDatabase(folder, vector_size=vector_sizes(text_encoder), log=log, skip_bad=skip_bad)
     if database.embeddings:
         log(f"{len(database)} textual-inversion embeddings from {database.folder}: {', '.join(database.embeddings)}")
     return database

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import load_pickle_weights
-from ldm.modules.lora_keys import KOHYA_TEXT, canonical_name, lora_targets
+from ldm.modules.lora_keys import KOHYA_TEXT2, TEXT_NAMES, canonical_name, lora_targets
 from ldm.safetensors_reader import SafetensorsError, read_safetensors
 
 PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
@@ -29,7 +29,8 @@ PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight
          "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 SAME_PART = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
              "down.weight": "lora_down.weight", "up.weight": "lora_up.weight"}
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}  # by the width of the text encoder and of cross-attention
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}  # by the width of the
+# text encoder and of cross-attention; a file with lora_te2_ layers is SDXL's whatever its first layer's width
 
 
 class LoraError(ValueError):
@@ -176,11 +177,14 @@ def _metadata_alphas(metadata: dict) -> dict:
         adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     except json.JSONDecodeError:
         adapter = {}
-    return {"unet": adapter.get("unet.lora_alpha"), "te": adapter.get("text_encoder.lora_alpha")}
+    return {"unet": adapter.get("unet.lora_alpha"), "te": adapter.get("text_encoder.lora_alpha"),
+            "te2": adapter.get("text_encoder_2.lora_alpha")}
 
 
 def _family(layers: dict) -> str | None:
     """The family whose text width the file's text-encoder layers, or cross-attention keys/values, take."""
+    if any(name.startswith(KOHYA_TEXT2) for name in layers):
+        return "SDXL"
     for name, layer in layers.items():
         if name.endswith(("_self_attn_q_proj", "_attn2_to_k", "_attn2_to_v")):
             width = layer.delta("meta").shape[1]
@@ -291,7 +295,7 @@ class LoraPatcher:
                 if target is None:
                     unmatched.append(name)
                     continue
-                text = name.startswith(KOHYA_TEXT)
+                text = name.startswith(TEXT_NAMES)
                 weight = text_weight if text else unet_weight
                 if weight == 0:
                     continue
@@ -301,7 +305,8 @@ class LoraPatcher:
                 delta = layer.delta()
                 if delta.numel() != shape.numel():
                     raise LoraError(self._wrong_model(lora, name, delta.shape, shape))
-                delta = delta.reshape(shape) * (layer.scale(lora.default_alphas["te" if text else "unet"]) * weight)
+                alphas = "te2" if name.startswith(KOHYA_TEXT2) else "te" if text else "unet"
+                delta = delta.reshape(shape) * (layer.scale(lora.default_alphas.get(alphas)) * weight)
                 parts = deltas.setdefault(target.parameter_name, {})
                 parts[target.rows] = parts[target.rows] + delta if target.rows in parts else delta
                 merged += 1

@@ -11,6 +11,13 @@ num_res_blocks or attention placement is covered, the tiny test models included.
 Every name is brought to one canonical spelling, `lora_unet_<path with underscores>` or
 `lora_te_<path with underscores>`; the table also accepts our own module paths spelt that way (what
 A1111 accepts for files trained on the CompVis layout).
+
+SDXL (a conditioner of several text encoders): kohya-ss writes the UNet in the original layout
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, our own names) or in diffusers' (files
+converted from diffusers), and the text encoders as `lora_te1_` (CLIP ViT-L) and `lora_te2_` (OpenCLIP
+ViT-bigG, transformers' names); diffusers/PEFT write `text_encoder.` and `text_encoder_2.`. The first
+encoder also answers to `lora_te_` (diffusers' `text_encoder.`), and the refiner's only encoder, bigG, is
+`lora_te2_` as in diffusers' refiner pipeline.
 """
 from dataclasses import dataclass
 
@@ -20,6 +27,10 @@ UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
 KOHYA_UNET = "lora_unet_"
 KOHYA_TEXT = "lora_te_"
+KOHYA_TEXT1, KOHYA_TEXT2 = "lora_te1_", "lora_te2_"  # SDXL's text encoders, as kohya-ss names them
+TEXT_NAMES = (KOHYA_TEXT, KOHYA_TEXT1, KOHYA_TEXT2)
+# diffusers/PEFT module prefixes -> the canonical ones
+DIFFUSERS_PREFIXES = (("unet.", KOHYA_UNET), ("text_encoder.", KOHYA_TEXT), ("text_encoder_2.", KOHYA_TEXT2))
 # diffusers' ResnetBlock2D names -> our ResBlock's
 RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -44,13 +55,13 @@ class Target:
 
 def canonical_name(layer: str) -> str | None:
     """`lora_unet_...`/`lora_te_...` for a kohya or diffusers/PEFT layer name; None for another part."""
-    for dotted, kohya in (("unet.", KOHYA_UNET), ("text_encoder.", KOHYA_TEXT)):
+    for dotted, kohya in DIFFUSERS_PREFIXES:
         if layer.startswith(dotted):
             # diffusers' older attention-processor spelling: attn1.processor.to_q_lora -> attn1.to_q
             path = layer[len(dotted):].replace(".processor.", ".").replace("to_out_lora", "to_out.0")
             path = path.removesuffix("_lora").removesuffix(".lora_linear_layer")
             return kohya + path.replace(".", "_")
-    if layer.startswith((KOHYA_UNET, KOHYA_TEXT)):
+    if layer.startswith((KOHYA_UNET, *TEXT_NAMES)):
         return layer
     return None
 
@@ -64,9 +75,26 @@ def lora_targets(model: nn.Module) -> dict[str, Target]:
         table[KOHYA_UNET + diffusers_path.replace(".", "_")] = Target(UNET_PREFIX + ours)
     table.update(own_names(unet, KOHYA_UNET, UNET_PREFIX))
     encoder = model.cond_stage_model
-    table.update({KOHYA_TEXT + path.replace(".", "_"): target for path, target in text_targets(encoder).items()})
+    for names, prefix, text_encoder in text_encoder_names(encoder):
+        for kohya in names:
+            table.update({kohya + path.replace(".", "_"): target
+                          for path, target in text_targets(text_encoder, prefix).items()})
     table.update(own_names(encoder, KOHYA_TEXT, TEXT_PREFIX))
     return table
+
+
+def text_encoder_names(encoder: nn.Module) -> list[tuple[tuple[str, ...], str, nn.Module]]:
+    """(the kohya prefixes of each text encoder, its module path, the encoder): SD's one, or SDXL's."""
+    from ldm.modules.encoders.sdxl_conditioner import FrozenOpenCLIPEmbedder2, SDXLConditioner
+
+    if not isinstance(encoder, SDXLConditioner):
+        return [((KOHYA_TEXT,), TEXT_PREFIX, encoder)]
+    found = []
+    for index, (embedder, key) in enumerate(zip(encoder.embedders, encoder.input_keys)):
+        if key == "txt":
+            names = (KOHYA_TEXT2,) if isinstance(embedder, FrozenOpenCLIPEmbedder2) else (KOHYA_TEXT1, KOHYA_TEXT)
+            found.append((names, f"{TEXT_PREFIX}embedders.{index}.", embedder))
+    return found
 
 
 def own_names(component: nn.Module, kohya_prefix: str, our_prefix: str) -> dict[str, Target]:
@@ -78,6 +106,8 @@ def unet_paths(unet: nn.Module) -> dict[str, str]:
     """{diffusers UNet2DConditionModel layer path: ours under diffusion_model} for every linear/conv."""
     paths = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if isinstance(getattr(unet, "label_emb", None), nn.Sequential):  # SDXL's vector condition (diffusers' text_time)
+        paths.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     blocks = {}  # diffusers block path -> (our block path, kind)
     level, in_level = 0, 0
     for index, block in list(enumerate(unet.input_blocks))[1:]:
@@ -124,10 +154,11 @@ def diffusers_part(our_path: str, kind: str) -> str:
     return our_path  # a SpatialTransformer's parts have the same names in both
 
 
-def text_targets(encoder: nn.Module) -> dict[str, Target]:
-    """{transformers CLIPTextModel layer path: our target} for the encoder layers' linear layers."""
+def text_targets(encoder: nn.Module, prefix: str = TEXT_PREFIX) -> dict[str, Target]:
+    """{transformers CLIPTextModel layer path: our target} for the encoder layers' linear layers; prefix:
+    the encoder's path in the model."""
     if hasattr(encoder, "transformer") and hasattr(encoder.transformer, "text_model"):  # SD 1.x, HF layout
-        return {path: Target(TEXT_PREFIX + "transformer." + path)
+        return {path: Target(prefix + "transformer." + path)
                 for path, module in encoder.transformer.named_modules() if isinstance(module, nn.Linear)}
     # OpenCLIP's tower (SD 2.x) or our shapes model's (the same residual blocks, without the "model." level)
     owner, path = (encoder.model, "model.") if hasattr(encoder, "model") else (encoder, "")
@@ -135,7 +166,7 @@ def text_targets(encoder: nn.Module) -> dict[str, Target]:
         return {}
     targets = {}
     for index, block in enumerate(owner.transformer.resblocks):
-        ours = f"{TEXT_PREFIX}{path}transformer.resblocks.{index}."
+        ours = f"{prefix}{path}transformer.resblocks.{index}."
         theirs = f"text_model.encoder.layers.{index}."
         width = block.attn.out_proj.in_features
         for part, name in enumerate(QKV):

@@ -22,18 +22,22 @@ class DiffusionWrapper(nn.Module):
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"):
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm"):
             raise ValueError(f"unknown conditioning_key {conditioning_key!r}")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_concat=None, c_crossattn=None, c_adm=None):
+    def forward(self, x, t, c_concat=None, c_crossattn=None, c_adm=None, control=None):
+        """control: a ControlNet's residuals for the UNet (ldm.generate.control), None for none."""
         key = self.conditioning_key
         if key in ("concat", "hybrid", "hybrid-adm"):
             x = torch.cat([x] + list(c_concat), dim=1)
-        context = torch.cat(list(c_crossattn), dim=1) if key in ("crossattn", "hybrid", "hybrid-adm") else None
-        labels = c_adm if key == "hybrid-adm" else (c_crossattn[0] if key == "adm" else None)
-        return self.diffusion_model(x, t, context=context, y=labels)
+        with_text = key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm")
+        context = torch.cat(list(c_crossattn), dim=1) if with_text else None
+        labels = c_adm if key in ("hybrid-adm", "crossattn-adm") else (c_crossattn[0] if key == "adm" else None)
+        if control is None:
+            return self.diffusion_model(x, t, context=context, y=labels)
+        return self.diffusion_model(x, t, context=context, y=labels, control=control)
 
 
 class DDPM(nn.Module):

@@ -140,8 +140,11 @@ class GuidedDenoiser:
     caller placed it (fp16/bf16 too), while everything the samplers see stays float32.
     """
 
-    def __init__(self, model, cond, uncond=None, scale=1.0, *, dtype: torch.dtype, device):
+    def __init__(self, model, cond, uncond=None, scale=1.0, *, dtype: torch.dtype, device, control=None):
+        """control(x, t, cond, uncond_rows) -> cond: adds ControlNet residuals to each model call's
+        conditioning (ldm.generate.control.ControlPass); uncond_rows: how many rows of x come first unguided."""
         self.model = model
+        self.control = control
         self.schedule = Schedule(model.alphas_cumprod)
         self.parameterization = model.parameterization
         self.device, self.dtype = torch.device(device), dtype
@@ -175,7 +178,10 @@ class GuidedDenoiser:
         # Integer timesteps go in as integers, exactly as the originals pass them.
         t_dtype = torch.long if t.is_integer() else torch.float32
         t_input = torch.full((model_input.shape[0],), t, device=x.device, dtype=t_dtype)
-        output = self.model.apply_model(model_input.to(self.dtype), t_input, self.conditioning_now()).float()
+        model_input, cond = model_input.to(self.dtype), self.conditioning_now()
+        if self.control is not None:
+            cond = self.control(model_input, t_input, cond, x.shape[0] if self.guided else 0)
+        output = self.model.apply_model(model_input, t_input, cond).float()
         self.calls += 1
         if composed:  # A1111's combine_denoised: uncond + sum of weight * scale * (cond_part - uncond)
             uncond_output, cond_output = output[:x.shape[0]], output[x.shape[0]:]

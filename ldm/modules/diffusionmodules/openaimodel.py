@@ -205,8 +205,13 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(channels), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
+        # block_runner(block, *args) -> output, when set, runs (or stands in for) every block of forward: the
+        # hook through which step caching (ldm.models.diffusion.step_cache) reuses the deep blocks' outputs.
+        self.block_runner = None
 
     def _run(self, block, *args):
+        if self.block_runner is not None:
+            return self.block_runner(block, *args)
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)

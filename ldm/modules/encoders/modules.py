@@ -292,22 +292,23 @@ OPEN_CLIP_TEXT_ARCHS = {
 class OpenCLIPTextTower(nn.Module):
     """The text half of an OpenCLIP model, with OpenCLIP's parameter names (and no visual tower).
 
-    ``text_projection`` and ``logit_scale`` serve CLIP's image-text matching, not Stable Diffusion;
-    they are kept so that the checkpoints load strictly.
+    ``text_projection`` and ``logit_scale`` serve CLIP's image-text matching (``with_projection``);
+    ``n_layers`` may be fewer than the architecture's, for a user that never runs the last blocks.
     """
 
-    def __init__(self, width: int, n_layers: int, n_heads: int):
+    def __init__(self, width: int, n_layers: int, n_heads: int, with_projection: bool = True):
         super().__init__()
         self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
         self.positional_embedding = nn.Parameter(torch.empty(CONTEXT_LENGTH, width))
         self.transformer = Transformer(width, n_layers, n_heads, causal=True)
         self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, width))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # OpenCLIP's initialisation, for a model that is not loaded from a checkpoint.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=width**-0.5)
+        if with_projection:
+            self.text_projection = nn.Parameter(torch.empty(width, width))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def forward(self, tokens: torch.LongTensor, n_blocks: int | None = None) -> torch.Tensor:
         """Per-token features after the first ``n_blocks`` blocks and the final layer norm."""
@@ -317,7 +318,14 @@ class OpenCLIPTextTower(nn.Module):
 
 class FrozenOpenCLIPEmbedder(TextEncoder):
     """SD 2.x text encoder. ``layer``: "last" (all blocks) or "penultimate" (all but the last block,
-    what every SD 2.x config uses); the final layer norm is applied in both cases."""
+    what every SD 2.x config uses); the final layer norm is applied in both cases.
+
+    Only what Stable Diffusion runs is built: with "penultimate" the last block is not, nor ever the
+    image-text matching head (``text_projection``, ``logit_scale``). diffusers' SD 2.x text encoder
+    holds exactly these weights (23 layers, no projection), so its folders load with nothing missing;
+    an original checkpoint's tensors for the parts not built are left unread
+    (``unused_checkpoint_keys``), never loaded into a part that would not run.
+    """
 
     LAYERS = ("last", "penultimate")
     pad_token = SD2_PAD_TOKEN
@@ -339,15 +347,22 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
         width, n_layers, n_heads = OPEN_CLIP_TEXT_ARCHS[arch]
         self.layer = layer
         self.n_blocks = n_layers if layer == "last" else n_layers - 1
-        self.model = OpenCLIPTextTower(width, n_layers, n_heads)
+        self.arch_layers = n_layers
+        self.model = OpenCLIPTextTower(width, self.n_blocks, n_heads, with_projection=False)
         if freeze:
             self.freeze()
+
+    def unused_checkpoint_keys(self) -> tuple[str, ...]:
+        """Key prefixes (relative to this module) of the OpenCLIP checkpoint tensors that are not built."""
+        unused_blocks = range(self.n_blocks, self.arch_layers)
+        return tuple(f"model.transformer.resblocks.{index}." for index in unused_blocks) + (
+            "model.text_projection", "model.logit_scale")
 
     def token_embedding_module(self) -> nn.Embedding:
         return self.model.token_embedding
 
     def n_layers(self) -> int:
-        return len(self.model.transformer.resblocks)
+        return self.arch_layers
 
     def encode_token_ids(self, tokens: torch.LongTensor) -> torch.Tensor:
         # The clip skip is not applied: A1111 leaves SD 2.x at its configured layer whatever the setting
