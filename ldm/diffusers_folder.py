@@ -36,6 +36,7 @@ MODEL_WEIGHTS = tuple("diffusion_pytorch_model" + suffix for suffix in WEIGHT_SU
 WEIGHT_NAMES = {"unet": MODEL_WEIGHTS, "vae": MODEL_WEIGHTS,
                 "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
                                  "pytorch_model.fp16.bin")}
+WEIGHT_NAMES["text_encoder_2"] = WEIGHT_NAMES["text_encoder"]  # SDXL's second (ldm.diffusers_sdxl)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -159,6 +160,10 @@ def text_encoder_kind(config: dict) -> str:
 
 def choose_config(folder: Path) -> Path:
     """Our config for the folder: by its text encoder, UNet input channels and scheduler's prediction type."""
+    from ldm.diffusers_sdxl import is_sdxl_folder, sdxl_config  # it builds on this module
+
+    if is_sdxl_folder(folder):
+        return sdxl_config(folder)
     index = _read_json(folder / "model_index.json")
     pipeline = index.get("_class_name", "a diffusers pipeline")
     text_config = _read_json(_component(folder, "text_encoder") / "config.json")
@@ -227,6 +232,11 @@ def read_diffusers_folder(folder, config_path=None) -> tuple[dict, Path, FolderF
     config_path = Path(config_path) if config_path else choose_config(folder)
     if config_path.is_file():
         check_noise_schedules(folder, OmegaConf.to_container(OmegaConf.load(config_path)), config_path)
+    from ldm.diffusers_sdxl import is_sdxl_folder, read_sdxl_components
+
+    if is_sdxl_folder(folder):
+        state_dict, paths = read_sdxl_components(folder)
+        return state_dict, config_path, FolderFiles(folder, paths)
     text_kind = text_encoder_kind(_read_json(_component(folder, "text_encoder") / "config.json"))
     text_to_original = clip_to_original if text_kind == "clip" else openclip_to_original
     state_dict, paths = {}, []
@@ -333,10 +343,10 @@ def vae_to_original(weights: dict) -> dict:
     return converted
 
 
-def clip_to_original(weights: dict) -> dict:
+def clip_to_original(weights: dict, prefix: str = CLIP_PREFIX) -> dict:
     """transformers' CLIPTextModel state dict under cond_stage_model.transformer.text_model. (files saved by
-    transformers >= 5 drop the text_model. level)."""
-    return {CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): tensor
+    transformers >= 5 drop the text_model. level); prefix: SDXL's conditioner.embedders.0.transformer."""
+    return {prefix + (key if key.startswith("text_model.") else "text_model." + key): tensor
             for key, tensor in weights.items()}
 
 
@@ -351,11 +361,11 @@ OPENCLIP_TOP_LEVEL = {"embeddings.token_embedding.weight": "token_embedding.weig
                       "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
 
 
-def openclip_to_original(weights: dict) -> dict:
+def openclip_to_original(weights: dict, prefix: str = OPENCLIP_PREFIX) -> dict:
     """transformers' CLIPTextModel of an OpenCLIP tower (SD 2.x) in OpenCLIP's layout (under
     cond_stage_model.model.): the inverse of diffusers' convert_open_clip_checkpoint. The separate q, k, v
     projections are joined into in_proj_* (the one copy made); a projection (CLIPTextModelWithProjection)
-    is transposed back (a view)."""
+    is transposed back (a view). prefix: SDXL's conditioner.embedders.N.model."""
     converted, qkv = {}, {}
     for key, tensor in weights.items():
         key = key.removeprefix("text_model.")
@@ -364,13 +374,13 @@ def openclip_to_original(weights: dict) -> dict:
         if key.endswith("position_ids"):
             continue
         if key == "text_projection.weight":
-            converted[OPENCLIP_PREFIX + "text_projection"] = tensor.t()
+            converted[prefix + "text_projection"] = tensor.t()
         elif key in OPENCLIP_TOP_LEVEL:
-            converted[OPENCLIP_PREFIX + OPENCLIP_TOP_LEVEL[key]] = tensor
+            converted[prefix + OPENCLIP_TOP_LEVEL[key]] = tensor
         elif layer and (part := OPENCLIP_QKV.match(rest)):
             qkv.setdefault((int(layer[1]), part[2]), {})[part[1]] = tensor
         elif layer and _rename_first(rest, OPENCLIP_BLOCK) != rest:
-            converted[f"{OPENCLIP_PREFIX}transformer.resblocks.{layer[1]}.{_rename_first(rest, OPENCLIP_BLOCK)}"] = tensor
+            converted[f"{prefix}transformer.resblocks.{layer[1]}.{_rename_first(rest, OPENCLIP_BLOCK)}"] = tensor
         else:
             raise CheckpointError(f"the diffusers text encoder holds tensor {key}, which no OpenCLIP text tower has: "
                                   "this folder is another kind of model")
@@ -378,7 +388,7 @@ def openclip_to_original(weights: dict) -> dict:
         if sorted(parts) != ["k", "q", "v"]:
             raise CheckpointError(f"the diffusers text encoder's layer {index} lacks some of its q/k/v {kind} "
                                   "tensors: download the folder again")
-        converted[f"{OPENCLIP_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = \
+        converted[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"] = \
             torch.cat([parts["q"], parts["k"], parts["v"]])
     return converted
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PRECISIONS = ("full", "autocast", "bf16")
+PRECISIONS = ("full", "autocast", "bf16", "int8")
 
 
 def resolve_dtype(precision: str, device) -> torch.dtype:
     """The one dtype policy. full: fp32. autocast: fp16 weights under autocast on CUDA; on a CPU, fp32 (CPU
     autocast gains nothing in fp16, and the configs' use_fp16 breaks CPU runs). bf16: bf16 weights and
-    activations on either device."""
+    activations on either device. int8: fp32, with the UNet's layers then put on int8 kernels
+    (ldm.generate.int8)."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "autocast" and torch.device(device).type == "cuda":

@@ -102,6 +102,8 @@ def evaluate(model, network, dataset: ShapesControlDataset, options):
                                    sampler=options.sampler, schedule=options.schedule, control=control)
             generated[variant] = to_uint8_images(images)
             scores[variant] += [scores_of(image, item["attrs"]) for image, item in zip(generated[variant], items)]
+        print(f"{start + len(items)}/{len(dataset)} scenes: mean IoU " + ", ".join(
+            f"{variant} {np.mean([row['iou'] for row in scores[variant]]):.3f}" for variant in VARIANTS), flush=True)
         for row, item in enumerate(items[:max(0, options.grid_examples - len(examples))]):
             map_picture = (hints[row].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
             examples.append((item["caption"], map_picture, *(generated[variant][row] for variant in VARIANTS)))

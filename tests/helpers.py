@@ -7,13 +7,17 @@ run through it.
 Tiny models and checkpoints themselves stay in tiny_model.py (one job per module); shared fixtures are in
 conftest.py.
 """
+import contextlib
 import importlib.util
 import json
 import inspect
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -449,3 +453,81 @@ def record_calls(monkeypatch, model) -> list:
 
     monkeypatch.setattr(model, "apply_model", recording)
     return calls
+
+
+# --- SDXL diffusers folders, as diffusers' pipelines save them ---------------------------------------------------
+def diffusers_openclip_with_projection(original: dict, prefix: str, width: int, layers: int, heads: int):
+    """transformers' CLIPTextModelWithProjection as diffusers converts SDXL's OpenCLIP bigG tower (under `prefix`)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, hidden_act="gelu", projection_dim=width, max_position_embeddings=77,
+        layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    missing, unexpected = text.load_state_dict(convert_open_clip_checkpoint(text, original, prefix=prefix), strict=False)
+    assert not unexpected and all(key.endswith("position_ids") for key in missing)
+    return text.eval()
+
+
+def diffusers_sdxl_unet(config_path, original: dict):
+    """diffusers' SDXL UNet (addition_embed_type text_time) converted from `original` by diffusers."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    params = OmegaConf.load(config_path).model.params
+    config = create_unet_diffusers_config_from_ldm(OmegaConf.to_container(OmegaConf.load(config_path)), original)
+    outdim = next(embedder.params.outdim for embedder in params.conditioner_config.params.emb_models
+                  if embedder.input_key != "txt")
+    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=outdim)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(original, config), strict=True)
+    return unet.eval()
+
+
+def save_diffusers_sdxl(folder, config_path, original: dict, tower: tuple, refiner=False, variant=None) -> Path:
+    """The SDXL pipeline (the refiner's img2img pipeline with `refiner`) diffusers builds from `original` with its
+    own conversion functions, written by its save_pretrained; tower: the bigG stand-in's (width, layers, heads)."""
+    import diffusers
+
+    first = "conditioner.embedders.0.transformer."
+    text_encoder = None if refiner else build_reference_clip(
+        {k.removeprefix(first): v for k, v in original.items() if k.startswith(first) and "position_ids" not in k},
+        **CLIP_CONFIG)
+    text_encoder_2 = diffusers_openclip_with_projection(original, f"conditioner.embedders.{0 if refiner else 1}.model.",
+                                                        *tower)
+    _, vae = diffusers_models(config_path, original)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=None,
+                 unet=diffusers_sdxl_unet(config_path, original), scheduler=scheduler)
+    pipeline = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True) if refiner \
+        else diffusers.StableDiffusionXLPipeline(**parts)
+    if variant == "fp16":
+        pipeline.to(torch.float16)
+    pipeline.save_pretrained(str(folder), variant=variant)
+    return Path(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, seconds: float = 30):
+    """An ASGI app under uvicorn on a free loopback port, in a thread; yields the port."""
+    uvicorn = pytest.importorskip("uvicorn")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(seconds)

@@ -72,9 +72,9 @@ def pipe(files):
     return Pipeline.from_pretrained(files["ckpt"], device="cpu", precision="full", log=lambda *_: None)
 
 
-def loaded_tiny_with_config() -> LoadedModel:
-    model = tiny_model()
-    return LoadedModel(model, OmegaConf.load(TINY_CONFIG), TINY_CONFIG, torch.device("cpu"), torch.float32,
+def loaded_tiny_with_config(config: Path = TINY_CONFIG) -> LoadedModel:
+    model = tiny_model(config=config)
+    return LoadedModel(model, OmegaConf.load(config), config, torch.device("cpu"), torch.float32,
                        latent_channels=model.channels, downsampling_factor=8, native_size=64)
 
 
@@ -319,6 +319,9 @@ def test_bad_units_are_one_line_user_errors(files):
         RunControl([ControlUnit(files["wide"], square_picture())], loaded)
     with pytest.raises(UserError, match="no such file"):
         RunControl([ControlUnit(files["control"], files["folder"] / "missing.png")], loaded)
+    upscaler = loaded_tiny_with_config(REPO / "configs" / "tiny" / "upscale-tiny.yaml")
+    with pytest.raises(UserError, match="upscale-tiny.yaml is a model for x4 upscaling, which takes no ControlNet"):
+        RunControl([ControlUnit(files["control"], square_picture())], upscaler)
     with pytest.raises(UserError, match="start 0.8 is after its end 0.2"):
         ControlUnit(files["control"], "x.png", start=0.8, end=0.2).checked("--control 0")
     with pytest.raises(UserError, match="weight 3 is outside 0..2"):

@@ -4,18 +4,17 @@ OpenCLIP text model with the same PEFT LoRA; SDXL embeddings ({clip_l, clip_g}) 
 Tiny SDXL (configs/tiny/sdxl-tiny.yaml: its first encoder is a tiny BPE transformer, its second OpenCLIP)."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from conftest import REPO
-from helpers import loaded_in_memory, seeded
+from helpers import diffusers_openclip_with_projection, diffusers_sdxl_unet, loaded_in_memory, seeded
 from ldm.generate.conditioning import Conditioner, resolve
 from ldm.modules.embeddings import EmbeddingDatabase, EmbeddingSkipped, load_embeddings, read_embedding
 from ldm.modules.lora import LoraPatcher, read_lora
 from tiny_model import tiny_model
 
 TINY_SDXL = REPO / "configs" / "tiny" / "sdxl-tiny.yaml"
-TE1_WIDTH, TE2_WIDTH, TE2_LAYERS, TE2_HEADS = 32, 16, 2, 2  # the tiny config's encoders
+TE1_WIDTH, TE1_TOKEN, TE2_WIDTH, TE2_LAYERS, TE2_HEADS = 32, 8, 16, 2, 2  # the tiny config's encoders
 
 
 @pytest.fixture
@@ -74,32 +73,6 @@ def peft_lora(module, targets, seed):
     return module, get_peft_model_state_dict(module)
 
 
-def diffusers_unet(original):
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    config = create_unet_diffusers_config_from_ldm(OmegaConf.to_container(OmegaConf.load(TINY_SDXL)), original)
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(original, config), strict=True, assign=True)
-    return unet.eval()
-
-
-def diffusers_text_encoder_2(original):
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=TE2_WIDTH, intermediate_size=4 * TE2_WIDTH, num_hidden_layers=TE2_LAYERS,
-        num_attention_heads=TE2_HEADS, hidden_act="gelu", projection_dim=TE2_WIDTH, max_position_embeddings=77,
-        layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1))
-    state = convert_open_clip_checkpoint(text, original, prefix="conditioner.embedders.1.model.")
-    missing, unexpected = text.load_state_dict(state, strict=False)
-    assert not unexpected and all(key.endswith("position_ids") for key in missing)
-    return text.eval()
-
-
 def merged_state_dict(module) -> dict:
     """`module`'s weights with its PEFT LoRA merged in (PEFT's own merge), under the names it had before."""
     for layer in module.modules():
@@ -117,11 +90,14 @@ def test_a_diffusers_peft_lora_merges_into_our_unet_and_bigg_as_peft_merges_it(m
 
     from ldm.diffusers_folder import openclip_to_original, unet_to_original
 
-    original = model.state_dict()
-    unet, unet_lora = peft_lora(diffusers_unet(original), ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                           "ff.net.0.proj", "ff.net.2", "conv1", "conv2"], seed=1)
-    text, text_lora = peft_lora(diffusers_text_encoder_2(original), ["q_proj", "k_proj", "v_proj", "out_proj",
-                                                                     "fc1", "fc2"], seed=2)
+    original = {key: value.clone() for key, value in model.state_dict().items()}  # PEFT merges in place
+    unet = diffusers_sdxl_unet(TINY_SDXL, {key: value.clone() for key, value in original.items()})
+    unet, unet_lora = peft_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                       "ff.net.2", "conv1", "conv2"], seed=1)
+    copies = {key: value.clone() for key, value in original.items()}
+    text_encoder_2 = diffusers_openclip_with_projection(copies, "conditioner.embedders.1.model.", TE2_WIDTH, TE2_LAYERS,
+                                                        TE2_HEADS)
+    text, text_lora = peft_lora(text_encoder_2, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], seed=2)
     metadata = {"r": 2, "lora_alpha": 4}  # a scale of 2: the file's metadata must be read
     StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=unet_lora, text_encoder_2_lora_layers=text_lora,
                                                 unet_lora_adapter_metadata=metadata,
@@ -142,7 +118,7 @@ def test_a_diffusers_peft_lora_merges_into_our_unet_and_bigg_as_peft_merges_it(m
 
 
 # --- embeddings -------------------------------------------------------------------------------------------------
-def sdxl_embedding(path, vectors=2, widths=(TE1_WIDTH, TE2_WIDTH), seed=0):
+def sdxl_embedding(path, vectors=2, widths=(TE1_TOKEN, TE2_WIDTH), seed=0):
     generator = seeded(seed)
     tensors = {key: torch.randn(vectors, width, generator=generator) for key, width in zip(("clip_l", "clip_g"), widths)}
     save_file(tensors, path)
@@ -155,7 +131,7 @@ def test_an_sdxl_embedding_gives_each_encoder_its_own_vectors(model, tmp_path):
     folder.mkdir()
     tensors = sdxl_embedding(folder / "xlstyle.safetensors")
     sdxl_embedding(folder / "too_wide.safetensors", widths=(768, 1280))
-    save_file({"emb_params": torch.randn(2, TE1_WIDTH)}, folder / "sd1.safetensors")
+    save_file({"emb_params": torch.randn(2, TE1_TOKEN)}, folder / "sd1.safetensors")
     lines = []
     loaded.embeddings = load_embeddings(folder, model.cond_stage_model, log=lines.append)
     assert list(loaded.embeddings.embeddings) == ["xlstyle"]
@@ -172,8 +148,8 @@ def test_an_sdxl_embedding_gives_each_encoder_its_own_vectors(model, tmp_path):
 
     found = loaded.embeddings.lookup_for("clip_g")(loaded.embeddings.tokenizer.encode("xlstyle"), 0)
     assert torch.equal(found[0].vectors, tensors["clip_g"]) and found[1] == 2
-    embedding = read_embedding(folder / "xlstyle.safetensors", {"clip_l": TE1_WIDTH, "clip_g": TE2_WIDTH})
-    assert embedding.vectors.shape == (2, TE1_WIDTH + TE2_WIDTH) and torch.equal(embedding.per_encoder["clip_l"],
+    embedding = read_embedding(folder / "xlstyle.safetensors", {"clip_l": TE1_TOKEN, "clip_g": TE2_WIDTH})
+    assert embedding.vectors.shape == (2, TE1_TOKEN + TE2_WIDTH) and torch.equal(embedding.per_encoder["clip_l"],
                                                                                tensors["clip_l"])
 
 
@@ -188,7 +164,7 @@ def test_sdxl_embedding_vectors_replace_the_tokens_in_each_encoder(model, tmp_pa
     folder = tmp_path / "embeddings"
     folder.mkdir()
     save_file(vectors, folder / "xlstyle.safetensors")
-    database = EmbeddingDatabase(folder, vector_size={"clip_l": TE1_WIDTH, "clip_g": TE2_WIDTH})
+    database = EmbeddingDatabase(folder, vector_size={"clip_l": TE1_TOKEN, "clip_g": TE2_WIDTH})
     with_embedding = Conditioner(loaded, lambda line: None, embeddings=database)
     plain = Conditioner(loaded, lambda line: None)
     cond = resolve(with_embedding(["a xlstyle"], composable=True), 4)
@@ -198,11 +174,11 @@ def test_sdxl_embedding_vectors_replace_the_tokens_in_each_encoder(model, tmp_pa
 
 
 def test_sdxl_embedding_files_are_checked(tmp_path):
-    save_file({"clip_l": torch.randn(2, TE1_WIDTH), "clip_g": torch.randn(3, TE2_WIDTH)}, tmp_path / "uneven.safetensors")
+    save_file({"clip_l": torch.randn(2, TE1_TOKEN), "clip_g": torch.randn(3, TE2_WIDTH)}, tmp_path / "uneven.safetensors")
     from ldm.modules.embeddings import EmbeddingError
 
     with pytest.raises(EmbeddingError, match="2 clip_l vectors and 3 clip_g vectors"):
         read_embedding(tmp_path / "uneven.safetensors")
-    save_file({"emb_params": torch.randn(2, TE1_WIDTH)}, tmp_path / "sd.safetensors")
+    save_file({"emb_params": torch.randn(2, TE1_TOKEN)}, tmp_path / "sd.safetensors")
     with pytest.raises(EmbeddingSkipped, match="SDXL model takes clip_l and clip_g"):
         read_embedding(tmp_path / "sd.safetensors", {"clip_g": TE2_WIDTH})

@@ -2,7 +2,6 @@
 progress, interrupt and skip, png-info, refusals (422, 401, 413, 503), and the real `webuiapi` client against
 a uvicorn server on a loopback port."""
 import base64
-import contextlib
 import io
 import json
 import signal
@@ -21,7 +20,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import script_environment  # noqa: E402
+from helpers import free_port, script_environment, serving  # noqa: E402
 from ldm.generate.options import run_cli  # noqa: E402
 from ldm.server import cli  # noqa: E402
 from ldm.server.app import ServerConfig, create_app  # noqa: E402
@@ -187,7 +186,7 @@ def test_extra_single_image_and_the_listings(client):
 @pytest.mark.parametrize("body, named", [
     ({**QUICK, "restore_faces": True}, "restore_faces"),
     ({**QUICK, "tiling": True}, "tiling"),
-    ({**QUICK, "alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ({**QUICK, "alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts 'ADetailer'"),  # ControlNet runs
     ({**QUICK, "steps": 0}, "steps"),
     ({**QUICK, "cfg_scale": "lots"}, "cfg_scale"),
     ({**QUICK, "width": 65}, "width 65"),
@@ -296,28 +295,6 @@ def test_queue_is_fifo_and_cancels_waiting_jobs():
     assert order == ["first", "third"]
     queue.close()
     queue.join(10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app under uvicorn on a free loopback port, in a thread; yields the port."""
-    uvicorn = pytest.importorskip("uvicorn")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 30)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_the_webuiapi_client_against_a_real_server(models_dir, tmp_path):

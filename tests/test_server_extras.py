@@ -80,6 +80,7 @@ def test_pixel_upscalers_answer_at_once(client):
 def test_the_x4_upscaler_runs_through_the_pipeline(client, models):
     listed = {upscaler["name"]: upscaler for upscaler in client.get("/sdapi/v1/upscalers").json()}
     assert {"None", "Lanczos", "Nearest", "upscaler"} <= set(listed) and listed["upscaler"]["scale"] == 4
+    assert client.post("/sdapi/v1/options", json={"upscaler_x4_steps": 3}).status_code == 200
     small = picture(4)
     response = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(small), "upscaler_1": "upscaler",
                                                                  "upscaling_resize": 4})
@@ -87,7 +88,7 @@ def test_the_x4_upscaler_runs_through_the_pipeline(client, models):
     upscaled = decoded(response.json()["image"])
     pipe = Pipeline.from_pretrained(models / "Stable-diffusion" / "upscaler.safetensors", device="cpu",
                                     log=lambda *args: None)
-    alone = pipe.upscale("", image=small, seed=0).images[0].convert("RGB")
+    alone = pipe.upscale("", image=small, num_inference_steps=3, seed=0).images[0].convert("RGB")
     assert upscaled.size == (64, 48) and np.array_equal(np.asarray(upscaled), np.asarray(alone))
     batch = client.post("/sdapi/v1/extra-batch-images", json={
         "imageList": [{"data": png_b64(small), "name": "a"}, {"data": png_b64(picture(5)), "name": "b"}],

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -25,7 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ldm.server import cli  # noqa: E402
 from ldm.server.app import ServerConfig, create_app  # noqa: E402
 from ldm.server.page import mount_page  # noqa: E402
-from ldm.server.page_actions import SENT_INPUTS, TXT2IMG_FIELDS, PageActions, drawn_mask  # noqa: E402
+from ldm.server.page_actions import IMG2IMG_FIELDS, SENT_INPUTS, TXT2IMG_FIELDS, PageActions, drawn_mask  # noqa: E402
 from tiny_model import write_tiny_checkpoint  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -75,7 +76,7 @@ def test_page_jobs_go_through_the_api_queue(models_dir, tmp_path):
     submit = server.queue.submit
     server.queue.submit = lambda work, label, ticket_id=None: submitted.append(label) or submit(work, label, ticket_id)
     try:
-        updates = list(PageActions(server).txt2img(*txt2img_inputs(steps=40, n_iter=2, batch_size=2)))
+        updates = list(PageActions(server).txt2img(*txt2img_inputs(steps=100, n_iter=2, batch_size=2)))
     finally:
         server.shutdown()
     assert submitted == ["txt2img"]
@@ -83,10 +84,33 @@ def test_page_jobs_go_through_the_api_queue(models_dir, tmp_path):
     assert len(gallery) == 4 and all(image.size == (64, 64) for image, _ in gallery)
     assert results["seeds"] == [5, 6, 7, 8]  # A1111's seeds: one per picture, counting up
     assert gallery[1][0].info["parameters"] == results["infotexts"][1]  # the PNG the page serves keeps it
-    assert infotext.startswith("a red circle\nSteps: 40, Sampler: Euler a") and "Seed: 5," in infotext
+    assert infotext.startswith("a red circle\nSteps: 100, Sampler: Euler a") and "Seed: 5," in infotext
     assert 'data-fraction="1.0000"' in progress and "done: 4 pictures" in progress
     running = [update[2] for update in updates[:-1] if isinstance(update[2], str) and "step" in update[2]]
     assert running, "no progress was shown while the job ran"
+
+
+def test_img2img_and_checkpoint_switching_from_the_page(models_dir, tmp_path):
+    app = make_app(models_dir, tmp_path)
+    server, actions = app.state.server, PageActions(app.state.server)
+    try:
+        status, size = actions.switch_checkpoint("beta.safetensors")
+        assert status == "loaded: beta.safetensors" and size == 64
+        assert server.resident.key[0].name == "beta.safetensors"
+        with pytest.raises(gr.Error) as refused:
+            actions.switch_checkpoint("nonesuch")
+        assert "no checkpoint named 'nonesuch'" in refused.value.message
+        assert server.settings.snapshot()["sd_model_checkpoint"] == "beta.safetensors"  # the option went back
+        assert actions.checkpoint_choices().choices == [("alpha.safetensors", "alpha.safetensors"),
+                                                        ("beta.safetensors", "beta.safetensors")]
+        values = dict(zip(TXT2IMG_FIELDS, txt2img_inputs(width=48, height=40)))
+        inputs = [{**values, "init_image": Image.new("RGB", (96, 80), (0, 0, 200)), "denoising_strength": 0.5,
+                   "resize_mode": 1}[name] for name in IMG2IMG_FIELDS]
+        gallery, infotext, *_ = list(actions.img2img(*inputs))[-1]
+        assert [image.size for image, _ in gallery] == [(48, 40)] and "Denoising strength: 0.5" in infotext
+        assert "Model: beta" in infotext
+    finally:
+        server.shutdown()
 
 
 def test_a_bad_value_is_one_message_on_the_page(models_dir, tmp_path):
@@ -275,10 +299,11 @@ def test_browser_generates_with_a_moving_progress_bar(page, served):
     assert page.input_value("#txt2img_width input[type=number]") == "64"  # the model's native size, once loaded
     page.fill("#txt2img_prompt textarea", "a red circle on the left")
     set_number(page, "#txt2img_steps", 150)
+    set_number(page, "#txt2img_batch_size", 2)
     set_number(page, "#txt2img_seed", 1234)
     seen = progress_texts(page, "txt2img")
     page.click("#txt2img_generate")
-    wait_for_progress_text(page, "txt2img", "done: 1 picture")
+    wait_for_progress_text(page, "txt2img", "done: 2 pictures")
     page.wait_for_selector("#txt2img_gallery img")
     infotext = page.input_value("#txt2img_infotext textarea")
     assert infotext.startswith("a red circle on the left\nSteps: 150, Sampler: Euler a") and "Seed: 1234," in infotext
@@ -286,10 +311,12 @@ def test_browser_generates_with_a_moving_progress_bar(page, served):
     moving = [fraction for fraction in fractions if 0 < fraction < 1]
     assert moving and fractions == sorted(fractions), fractions  # it moved, forward only
     assert any("step" in text for _, text in seen())
+    page.locator("#txt2img_gallery button.thumbnail-item").nth(1).click()  # the second picture: its own infotext
+    page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 1235,')")
     page.click("#txt2img_random_seed")
     page.wait_for_function("document.querySelector('#txt2img_seed input').value === '-1'")
-    page.click("#txt2img_reuse_seed")
-    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '1234'")
+    page.click("#txt2img_reuse_seed")  # the picked picture's seed
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '1235'")
 
 
 def test_browser_interrupt_stops_a_long_run(page, served):
@@ -325,6 +352,7 @@ def test_browser_png_info_sends_its_settings_to_txt2img(page, tmp_path):
     assert page.input_value("#txt2img_scheduler input") == "Karras"
 
 
+@pytest.mark.slow  # the longest of these (the editor's canvas, its layers uploaded): -m slow runs it
 def test_browser_inpaints_with_the_mask_drawn_in_the_page(page, served, tmp_path, monkeypatch):
     app, _ = served
     generator, requests = app.state.server.generator, []
@@ -335,17 +363,21 @@ def test_browser_inpaints_with_the_mask_drawn_in_the_page(page, served, tmp_path
     page.set_input_files("#inpaint_editor input[type=file]", str(tmp_path / "blue.png"))
     page.wait_for_selector("#inpaint_editor canvas")
     page.locator("#inpaint_editor button[aria-label='Brush']").click()
+    # the picture sits in the middle of the canvas, shown at the zoom the editor's toolbar reads out
+    page.wait_for_function("/\\d+%/.test(document.querySelector('#inpaint_editor').innerText)")
+    zoom = int(re.search(r"(\d+)%", page.inner_text("#inpaint_editor")).group(1)) / 100
     box = page.locator("#inpaint_editor canvas").first.bounding_box()
-    centre_x, centre_y, side = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, min(box["width"], box["height"])
-    page.mouse.move(centre_x - 0.4 * side, centre_y - 0.4 * side)  # a stroke in the picture's top left corner
+    centre_x, centre_y, shown = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 64 * zoom
+    page.mouse.move(centre_x - 0.35 * shown, centre_y - 0.35 * shown)  # a stroke in the picture's top left corner
     page.mouse.down()
-    page.mouse.move(centre_x - 0.3 * side, centre_y - 0.3 * side, steps=5)
+    page.mouse.move(centre_x - 0.3 * shown, centre_y - 0.3 * shown, steps=5)
     page.mouse.up()
     page.fill("#inpaint_prompt textarea", "a red circle")
+    set_number(page, "#inpaint_steps", 4)
     page.click("#inpaint_generate")
     wait_for_progress_text(page, "inpaint", "done: 1 picture")
     page.wait_for_selector("#inpaint_gallery img")
     [request] = requests
     mask = Image.open(io.BytesIO(base64.b64decode(request.mask)))
-    assert mask.size == (64, 64) and mask.getpixel((2, 2)) == 255 and mask.getpixel((62, 62)) == 0
+    assert mask.size == (64, 64) and mask.getpixel((10, 10)) == 255 and mask.getpixel((62, 62)) == 0, mask.getbbox()
     assert (request.width, request.height, request.inpaint_full_res) == (64, 64, False)

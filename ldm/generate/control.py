@@ -248,8 +248,8 @@ class RunControl:
         self.low_memory = low_memory
         model = loaded.model
         if getattr(model.model, "conditioning_key", None) not in ("crossattn", "hybrid"):
-            raise UserError(f"{loaded.ckpt_path.name} is {loaded.kind} model, which takes no ControlNet: use a text-"
-                            "to-image or inpainting model (SD 1.x, SD 2.x) with --control")
+            raise UserError(f"{loaded.ckpt_path.name} is a model for {loaded.kind}, which takes no ControlNet: use a "
+                            "text-to-image or inpainting model (SD 1.x, SD 2.x) with --control")
         if hasattr(model, "control_model"):  # its apply_model feeds its own control model, not these residuals
             raise UserError(f"{loaded.ckpt_path.name} is a whole ControlNet 1.0 model: pass it as --control "
                             f"{loaded.ckpt_path.name} and its base model as --ckpt")
@@ -278,10 +278,11 @@ class RunControl:
             active.network = None
 
     def for_pass(self, steps: int) -> ControlPass:
-        for active in self.units:
+        acting = [active for active in self.units if active.unit.weight > 0]
+        for active in acting:
             if active.network is None:
                 active.network = self._load(active.unit, active.label)
-        return ControlPass([active for active in self.units if active.unit.weight > 0], steps)
+        return ControlPass(acting, steps)
 
     def after_pass(self):
         if self.low_memory:

@@ -10,6 +10,7 @@ import torch
 from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
 from ldm.diffusers_folder import find_in_hub_cache, hashed_file, looks_like_hub_id, model_name
 from ldm.placement import CheckpointChanged, CheckpointFile, OneComponentAtATime, libc, resolve_dtype
+from ldm.generate import int8
 from ldm.generate.errors import UserError
 from ldm.generate.output import model_hash
 from ldm.modules.embeddings import EmbeddingError, load_embeddings
@@ -126,6 +127,7 @@ class LoadedModel:
     components: OneComponentAtATime | None = None
     vae_path: Path | None = None
     embeddings: object = None  # ldm.modules.embeddings.EmbeddingDatabase: textual inversion, None for none
+    quantized: str | None = None  # "int8" when --precision int8 put the UNet on int8 kernels (ldm.generate.int8)
     _hash: str | None = field(default=None, init=False, repr=False)
 
     @property
@@ -211,6 +213,8 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
         if dtype == torch.bfloat16 and not cpu_has_bf16_arithmetic():
             log("warning: this CPU has no bf16 arithmetic (AVX-512 or AMX), so --precision bf16 runs 10-100x "
                 "slower than fp32 here: use --precision full")
+    if precision == "int8":
+        int8.check_settings(device, low_memory)  # before the seconds of loading
     ckpt_path = resolve_checkpoint(ckpt, log)
     vae_path = resolve_vae(vae, ckpt_path, log)
     try:
@@ -227,6 +231,8 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     if vae_path is not None:
         log(f"VAE {vae_path.name} (hash {loaded.vae_hash}) replaces the checkpoint's autoencoder")
     loaded.hash  # now, while the file is the one loaded (cached by path, size and date: free after the first time)
+    if precision == "int8":
+        int8.quantize_loaded(loaded, log, low_memory)
     return loaded
 
 

@@ -41,7 +41,8 @@ def add_model_arguments(parser, default_config=None):
                             "or the embedded model when that holds nothing")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     group.add_argument("--precision", default="autocast", choices=PRECISIONS,
-                       help="full = fp32; autocast = fp16 on CUDA, fp32 on a CPU; bf16 on either")
+                       help="full = fp32; autocast = fp16 on CUDA, fp32 on a CPU; bf16 on either; int8 = the "
+                            "UNet's layers on int8 kernels on a CPU (slightly changes the picture)")
     group.add_argument("--bf16", action="store_const", const="bf16", dest="precision", help="same as --precision bf16")
     group.add_argument("--use_ema", action="store_true", help="use the checkpoint's EMA weights (model_ema.*)")
     group.add_argument("--vae", default=None, metavar="PATH",

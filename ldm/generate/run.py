@@ -459,6 +459,8 @@ def job_fields(job: Job, loaded, batch_size: int, position, extra: dict | None =
     if used_embeddings:  # A1111's order: after "Lora hashes"
         fields["TI hashes"] = used_embeddings
     fields.update(refiner or {})  # A1111's "Refiner", "Refiner switch at": added when it takes over
+    if getattr(loaded, "quantized", None):  # only then: the exact paths' text stays A1111's
+        fields["Precision"] = loaded.quantized
     fields["Version"] = VERSION
     return fields
 

@@ -15,8 +15,6 @@ seeds, so that a seed still means one picture.
 full latent resolution, tomesd's `max_downsample=1`; SDXL and the embedded model: half of it, where their
 first transformers are).
 """
-import math
-
 import torch
 
 from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
@@ -170,8 +168,3 @@ class TokenMerging:
     def _unmerge(self, attention, args, output):
         return self.merge.unmerge(output)
 
-
-def merged_token_count(height: int, width: int, ratio: float) -> int:
-    """How many of a height x width picture's tokens one block merges away at `ratio`."""
-    sources = height * width - (height // 2) * (width // 2)
-    return min(sources, math.floor(height * width * ratio))

@@ -6,6 +6,7 @@ a Gradio page in the same process can share.
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -21,18 +22,19 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from ldm.generate import hires
 from ldm.generate.infotext import parse_parameters
 from ldm.models.diffusion import samplers
-from ldm.server import pictures
+from ldm.server import controlnet, pictures
 from ldm.server.checkpoints import ModelFolders, ResidentModel
 from ldm.server.errors import RequestProblem
+from ldm.server.extras import Extras, Upscalers
 from ldm.server.generation import Generator, response_body
 from ldm.server.jobs import JobQueue, QueueClosed, QueueFull
-from ldm.server.extras import Extras, Upscalers
 from ldm.server.schemas import (ExtraBatchImagesRequest, ExtrasRequest, ExtraSingleImageRequest, Img2ImgRequest,
                                 PngInfoRequest, Txt2ImgRequest)
 from ldm.server.settings import Settings
 
 ACCESS_LOG = logging.getLogger("ldm.server.access")
 DISCONNECT_POLL_SECONDS = 0.25
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ServerConfig:
     precision: str = "autocast"
     low_memory: bool = False
     embeddings_dir: Path | None = None
+    controlnet_dirs: tuple = ()  # where ControlNets are found before <models_dir>/ControlNet (--controlnet_dir)
     api_auth: dict = field(default_factory=dict)  # user -> password; empty: no authentication
     max_waiting: int = 8
     max_request_bytes: int = 64 * 1024 * 1024
@@ -59,8 +62,9 @@ class Server:
         self.settings = Settings(self.folders, config.output_root)
         self.resident = ResidentModel(config.device, config.precision, config.low_memory, config.embeddings_dir,
                                       log=config.log)
+        self.controlnets = controlnet.ControlNets(config.models_dir, config.controlnet_dirs)
         self.generator = Generator(self.folders, self.resident, self.settings, Path(config.models_dir) / "Lora",
-                                   log=config.log)
+                                   log=config.log, controlnets=self.controlnets)
         self.queue = JobQueue(config.max_waiting, log=config.log)
         self.upscalers = Upscalers(self.folders)
 
@@ -69,6 +73,7 @@ class Server:
 
 
 def _problem(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    message = _TERMINAL_CODES.sub("", message)  # torch's messages bold words for terminals
     return JSONResponse({"error": "HTTPException" if status != 422 else "RequestProblem", "detail": message},
                         status_code=status, headers=headers)
 
@@ -99,11 +104,11 @@ def _submit(server: Server, work, label: str, ticket_id=None):
 
 
 def _authentication(users: dict):
+    if not users:  # no HTTPBasic at all: it would refuse a malformed Authorization header even then
+        return lambda: None
     basic = HTTPBasic(auto_error=False)
 
     def check(credentials: HTTPBasicCredentials | None = Depends(basic)):
-        if not users:
-            return
         # compare every pair, so that the time taken does not tell which user names exist
         matched = False
         for user, password in users.items():
@@ -177,6 +182,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                   dependencies=[Depends(_authentication(config.api_auth))])
     app.state.server = server
     app.add_middleware(RequestLimits, max_bytes=config.max_request_bytes)
+    controlnet.add_routes(app, server.controlnets)
 
     @app.exception_handler(RequestProblem)
     async def request_problem(request, error: RequestProblem):
@@ -321,8 +327,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         return answer
 
     @app.get("/sdapi/v1/scripts")
-    def scripts():
-        return {"txt2img": [], "img2img": []}
+    def scripts():  # A1111 lists its always-on scripts too: ControlNet's is the one that runs here
+        return {"txt2img": [controlnet.SCRIPT_NAME], "img2img": [controlnet.SCRIPT_NAME]}
 
     @app.get("/sdapi/v1/face-restorers")
     def face_restorers():
@@ -357,7 +363,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         extras = await asyncio.to_thread(checked)
         if extras.model is None:
             return await asyncio.to_thread(extras.resampled)
-        return await _await_ticket(server, _submit(server, extras.x4_work(server.resident), "extras"), request)
+        return await _await_ticket(server, _submit(server, extras.x4_work(
+            server.resident, server.settings.snapshot()["upscaler_x4_steps"]), "extras"), request)
 
     @app.post("/sdapi/v1/extra-single-image")
     async def extra_single_image(body: ExtraSingleImageRequest, request: Request):

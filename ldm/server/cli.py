@@ -32,6 +32,9 @@ def parse_args(argv=None):
                              "FOLDER/Lora (default models)")
     parser.add_argument("--embeddings_dir", "--embeddings-dir", dest="embeddings_dir", default=None, metavar="FOLDER",
                         help="textual-inversion embeddings (default embeddings/ when it exists)")
+    parser.add_argument("--controlnet_dir", "--controlnet-dir", dest="controlnet_dir", action="append", default=[],
+                        metavar="FOLDER", help="ControlNets found here before FOLDER/ControlNet of --models_dir "
+                                               "(A1111's extension's flag); repeatable")
     parser.add_argument("--outdir", default=".", help="the folder save_images writes under (the options' outdir_* "
                                                       "folders are relative to it; default: the current folder)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -78,6 +81,9 @@ def check_args(args) -> tuple[str, dict]:
         raise UserError(f"--max_request_mb must be above 0 (got {args.max_request_mb})")
     if args.ckpt and not Path(args.ckpt).is_file():
         raise UserError(f"--ckpt {args.ckpt}: no such file")
+    missing = [folder for folder in getattr(args, "controlnet_dir", []) if not Path(folder).is_dir()]
+    if missing:
+        raise UserError(f"--controlnet_dir {missing[0]}: no such folder")
     return host, users
 
 
@@ -90,6 +96,7 @@ def main(argv=None):
     config = ServerConfig(models_dir=Path(args.models_dir), ckpt=Path(args.ckpt) if args.ckpt else None,
                           output_root=Path(args.outdir), device=args.device, precision=args.precision,
                           low_memory=args.lowmem, embeddings_dir=args.embeddings_dir, api_auth=users,
+                          controlnet_dirs=tuple(args.controlnet_dir),
                           max_waiting=args.queue_size, max_request_bytes=int(args.max_request_mb * 1024 * 1024))
     app = create_app(config)
     access_log_to_stderr()

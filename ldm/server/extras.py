@@ -9,7 +9,7 @@ the place of the generation model until the next generation loads that back.
 
 As A1111's model upscalers: the model runs until the picture covers the requested size (at most
 MAX_MODEL_PASSES times), then Lanczos makes it exactly that size. The noise comes from a fixed seed, so that
-the same picture gives the same result, as A1111's upscalers do.
+the same picture gives the same result, as A1111's upscalers do; the option upscaler_x4_steps sets its steps.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,20 +132,20 @@ class Extras:
         method = PIXEL_UPSCALERS[self.request.upscaler_1]
         return [fitted(image, size, self.request, method) for image, size in zip(self.images, self.sizes)]
 
-    def x4_work(self, resident: ResidentModel):
+    def x4_work(self, resident: ResidentModel, steps: int):
         """The queue job that runs the x4 upscaler over every picture."""
         def work(ticket):
             pipe = resident.get(self.model, "Automatic", None)
-            return [self._upscaled(pipe, image, size, ticket) for image, size in zip(self.images, self.sizes)]
+            return [self._upscaled(pipe, image, size, steps, ticket) for image, size in zip(self.images, self.sizes)]
 
         return work
 
-    def _upscaled(self, pipe, image: Image.Image, size: tuple[int, int], ticket) -> Image.Image:
+    def _upscaled(self, pipe, image: Image.Image, size: tuple[int, int], steps: int, ticket) -> Image.Image:
         for _ in range(MAX_MODEL_PASSES):
             if image.width >= size[0] and image.height >= size[1]:
                 break
             try:
-                result = pipe.upscale("", image=image, seed=X4_SEED, callback=ticket.step)
+                result = pipe.upscale("", image=image, num_inference_steps=steps, seed=X4_SEED, callback=ticket.step)
             except ValueError as error:
                 raise RequestProblem(str(error)) from None
             if not result.images:  # interrupted before the pass made its picture

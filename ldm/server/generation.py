@@ -6,7 +6,7 @@ pictures as A1111 does (resize modes, "only masked" crops) and writes the `info`
 """
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -15,7 +15,7 @@ from ldm.generate.infotext import parse_parameters
 from ldm.generate.run import VERSION
 from ldm.models.diffusion import samplers
 from ldm.pipeline import GenerationResult, ImageWithInfotext
-from ldm.server import pictures
+from ldm.server import controlnet, pictures
 from ldm.server.checkpoints import ModelFolders, ResidentModel
 from ldm.server.errors import RequestProblem
 from ldm.server.jobs import Ticket
@@ -29,6 +29,7 @@ class Answer:
     images: list  # PIL images
     infotexts: list
     info: dict
+    extra_images: list = field(default_factory=list)  # after the pictures, without infotext: ControlNet's maps
 
 
 def _call(method, *args, **kwargs):
@@ -79,8 +80,10 @@ def hires_keywords(request: Txt2ImgRequest) -> dict:
 
 
 class Generator:
-    def __init__(self, folders: ModelFolders, resident: ResidentModel, settings: Settings, lora_dir, log=print):
+    def __init__(self, folders: ModelFolders, resident: ResidentModel, settings: Settings, lora_dir, log=print,
+                 controlnets: controlnet.ControlNets | None = None):
         self.folders, self.resident, self.settings, self.lora_dir, self.log = folders, resident, settings, lora_dir, log
+        self.controlnets = controlnets or controlnet.ControlNets(folders.models_dir)
 
     def pipeline_for(self, options: dict):
         checkpoint = self.folders.checkpoint(options["sd_model_checkpoint"])
@@ -100,6 +103,7 @@ class Generator:
         overrides = self.settings.checked(request.override_settings or {})
         prepared = self._prepared_inputs(request) if isinstance(request, Img2ImgRequest) else None
         keywords = {**sampler_keywords(request), **seed_keywords(request)}
+        control = self.controlnets.request_control(request, getattr(request, "enable_hr", False))
 
         def work(ticket: Ticket) -> Answer:
             options = {**self.settings.snapshot(), **overrides}
@@ -108,7 +112,7 @@ class Generator:
                           guidance_scale=request.cfg_scale, num_images_per_prompt=request.batch_size,
                           n_iter=request.n_iter, callback=ticket.step, lora_dir=str(self.lora_dir),
                           clip_skip=options["CLIP_stop_at_last_layers"], ensd=options["eta_noise_seed_delta"],
-                          rng=RNG_SOURCES[options["randn_source"]], **keywords)
+                          rng=RNG_SOURCES[options["randn_source"]], control=control.units, **keywords)
             ticket.expected_passes = request.n_iter * (2 if getattr(request, "enable_hr", False) else 1)
             started = time.time()
             if kind == "txt2img":
@@ -120,6 +124,7 @@ class Generator:
             if not request.override_settings_restore_afterwards and overrides:
                 self.settings.update(overrides)
             answer = self._answer(request, pipe, images, result, options, ticket, started)
+            answer.extra_images = control.maps
             if request.save_images and options["samples_save"] and not request.do_not_save_samples:
                 folder = "outdir_txt2img_samples" if kind == "txt2img" else "outdir_img2img_samples"
                 GenerationResult([ImageWithInfotext.of(np.asarray(image.convert("RGB")), text)
@@ -189,7 +194,8 @@ class Generator:
             "sd_model_name": loaded.name, "sd_model_hash": loaded.hash,
             "sd_vae_name": loaded.vae_path.name if loaded.vae_path else None, "sd_vae_hash": loaded.vae_hash,
             "seed_resize_from_w": request.seed_resize_from_w, "seed_resize_from_h": request.seed_resize_from_h,
-            "denoising_strength": request.denoising_strength, "extra_generation_params": {},
+            "denoising_strength": request.denoising_strength,
+            "extra_generation_params": controlnet.extra_generation_params(infotexts),
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
             "clip_skip": options["CLIP_stop_at_last_layers"],
@@ -206,6 +212,7 @@ def response_body(request: GenerationRequest, answer: Answer) -> dict:
     for name in ("init_images", "mask"):
         if name in parameters:
             parameters[name] = None
+    controlnet.leave_out_pictures(parameters["alwayson_scripts"])
     images = [pictures.encode_png(image, text) for image, text in zip(answer.images, answer.infotexts)] \
-        if request.send_images else []
+        + [pictures.encode_png(image) for image in answer.extra_images] if request.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(answer.info)}

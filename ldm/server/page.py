@@ -78,8 +78,8 @@ def _generation_tab(prefix: str, actions: PageActions, image_inputs=None, after_
                 fields.update(last())
         with gr.Column(scale=1):
             progress = gr.HTML(progress_html(None, "idle", 0.0), elem_id=f"{prefix}_progress")
-            preview = gr.Image(label="Live preview", interactive=False, height=200, elem_id=f"{prefix}_preview")
-            gallery = gr.Gallery(label="Output", format="png", columns=2, height=420, object_fit="contain",
+            preview = gr.Image(label="Live preview", interactive=False, height=160, elem_id=f"{prefix}_preview")
+            gallery = gr.Gallery(label="Output", format="png", columns=2, object_fit="contain",
                                  elem_id=f"{prefix}_gallery")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                   elem_id=f"{prefix}_infotext")

@@ -2,12 +2,15 @@
 
 Every field A1111 (and its client `webuiapi`) sends is declared, so a body that works there is accepted here.
 A field we cannot honour is accepted only at the values that mean "off" (`restore_faces: false`, no
-`script_name`, no `alwayson_scripts`, ...); any other value answers 422 naming the field: never silence.
+`script_name`, no `alwayson_scripts` but ControlNet's, ...); any other value answers 422 naming the field:
+never silence.
 A field we do not know at all answers 422 too (extra="forbid"), so that a typo is not silently dropped.
 """
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ldm.server import controlnet
 
 MAX_SIDE = 8192  # pixels: far past what one model call makes; the memory check refuses smaller ones that do not fit
 MAX_BATCH = 64  # images one batch may hold; ldm.generate.prompts.MAX_IMAGES bounds the whole run
@@ -22,7 +25,6 @@ OFF_VALUES = {
     "styles": (None, []),
     "script_name": (None, ""),
     "script_args": (None, []),
-    "alwayson_scripts": (None, {}),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None, 0, 1),
     "s_min_uncond": (None, 0),
@@ -45,7 +47,6 @@ WHY_NOT = {
     "styles": "saved prompt styles are an A1111 UI feature: write the style into the prompt",
     "script_name": "A1111 scripts and extensions do not run here",
     "script_args": "A1111 scripts and extensions do not run here",
-    "alwayson_scripts": "A1111 extensions (ControlNet, ADetailer, ...) do not run here",
     "refiner_checkpoint": "the SDXL refiner is not supported",
     "hr_checkpoint_name": "the hires pass runs with the request's checkpoint",
     "hr_sampler_name": "the hires pass runs with the request's sampler",
@@ -115,8 +116,13 @@ class GenerationRequest(_A1111Request):
     script_args: list = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # ControlNet's only (ldm.server.controlnet)
     infotext: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("alwayson_scripts")
+    @classmethod
+    def _controlnet_only(cls, scripts):
+        return controlnet.check_scripts(scripts)
 
     @property
     def sampler(self) -> str:

@@ -21,6 +21,7 @@ DEFAULTS = {
     "outdir_txt2img_samples": "outputs/txt2img-images",
     "outdir_img2img_samples": "outputs/img2img-images",
     "outdir_extras_samples": "outputs/extras-images",
+    "upscaler_x4_steps": 50,  # the x4 upscaler's sampling steps in /extra-single-image (A1111's ldsr_steps)
 }
 
 
@@ -57,6 +58,8 @@ def _checked(name: str, value, folders):
         return value if entry is None else entry.name
     if name == "CLIP_stop_at_last_layers":
         return _whole(name, value, 1, 12)
+    if name == "upscaler_x4_steps":
+        return _whole(name, value, 1, 1000)
     if name == "eta_noise_seed_delta":
         return _whole(name, value, 0, 2**63 - 1)
     if name == "randn_source":
