@@ -66,11 +66,17 @@ def one_step(model, x, cond, uncond):
 def speed(args) -> dict:
     model = load_model(common.sd1_checkpoint(args.workdir, "fp32"), common.SD1_CONFIG, "cpu", torch.float32,
                        log=lambda line: None).model
+    return step_ratios(model, args.size, args.ratios, args.intervals, args.repeats)
+
+
+def step_ratios(model, size: int, ratios, intervals, repeats: int) -> dict:
+    """Seconds of one plain guided step, and every variant's time as a ratio to it, all timed in one
+    alternation (so that a machine whose load changes during the run changes them alike)."""
     unet = model.model.diffusion_model
+    context_dim = unet.input_blocks[1][-1].transformer_blocks[0].attn2.to_k.in_features
     generator = torch.Generator().manual_seed(0)
-    latent = args.size // 8
-    x = torch.randn(1, 4, latent, latent, generator=generator)
-    cond, uncond = (torch.randn(1, 77, 768, generator=generator) for _ in range(2))
+    x = torch.randn(1, 4, size // 8, size // 8, generator=generator)
+    cond, uncond = (torch.randn(1, 77, context_dim, generator=generator) for _ in range(2))
     step = one_step(model, x, cond, uncond)
     cache = StepCache(unet, full={0})
 
@@ -82,24 +88,30 @@ def speed(args) -> dict:
         cache.steps = 1
         step()
 
+    def uncached(function):  # the cache stays entered for the run: its kept outputs are the cached steps'
+        def run():
+            runner, unet.block_runner = unet.block_runner, None
+            try:
+                function()
+            finally:
+                unet.block_runner = runner
+        return run
+
     def merged(ratio):
         def run():
             with for_pass(Speedups(token_merging_ratio=ratio), unet, 1, seed=0):
                 step()
         return run
 
-    with torch.inference_mode():
-        functions = {"plain": step, **{f"ToMe {ratio}": merged(ratio) for ratio in args.ratios}}
-        times = common.alternate(functions, args.repeats)
-        with cache:  # alternate's warm-up full step fills the cache for the cached ones
-            times.update(common.alternate({"DeepCache full step": full, "DeepCache cached step": cached},
-                                          args.repeats))
-        times["plain (again)"] = common.alternate({"plain": step}, args.repeats)["plain"]
-    base = (times["plain"] + times["plain (again)"]) / 2
-    for interval in args.intervals:
-        times[f"DeepCache {interval} (mean step)"] = (
-            times["DeepCache full step"] + (interval - 1) * times["DeepCache cached step"]) / interval
-    return {"base seconds": base, "rows": {name: seconds / base for name, seconds in times.items()}}
+    with torch.inference_mode(), cache:  # alternate's warm-up runs the full step before the cached one
+        times = common.alternate({"plain": uncached(step), **{f"ToMe {ratio}": uncached(merged(ratio)) for ratio in ratios},
+                                  "DeepCache full step": full, "DeepCache cached step": cached}, repeats)
+    base = times["plain"]
+    rows = {name: seconds / base for name, seconds in times.items()}
+    for interval in intervals:
+        rows[f"DeepCache {interval} (mean step)"] = (rows["DeepCache full step"]
+                                                     + (interval - 1) * rows["DeepCache cached step"]) / interval
+    return {"base seconds": base, "rows": rows}
 
 
 def step_flops(size: int) -> dict:
