@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,3 +46,17 @@ def clip_tiny(tmp_path_factory):
     """A tiny UNet and VAE with SD 1.x's CLIP text encoder: (its diffusers folder, config path, original weights)."""
     from helpers import build_clip_tiny
     return build_clip_tiny(tmp_path_factory.mktemp("clip-tiny"))
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_settings():
+    """Code under test sets torch's thread count (training's --threads, a shard's share of the cores, which
+    also sets OMP_NUM_THREADS); a later test comparing in-process pictures with a script's must not inherit
+    it: a different thread count changes the pictures' last bits."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
