@@ -531,3 +531,12 @@ def serving(app, seconds: float = 30):
     finally:
         server.should_exit = True
         thread.join(seconds)
+
+
+def png_b64(image) -> str:
+    """A picture as the base64 PNG that A1111's API takes."""
+    import base64
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -20,7 +20,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import free_port, script_environment, serving  # noqa: E402
+from helpers import free_port, png_b64, script_environment, serving  # noqa: E402
 from ldm.generate.options import run_cli  # noqa: E402
 from ldm.server import cli  # noqa: E402
 from ldm.server.app import ServerConfig, create_app  # noqa: E402
@@ -51,12 +51,6 @@ def make_client(models_dir, tmp_path, **config) -> TestClient:
 def client(models_dir, tmp_path_factory):
     with make_client(models_dir, tmp_path_factory.mktemp("out")) as test_client:
         yield test_client
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decoded(text: str) -> Image.Image:

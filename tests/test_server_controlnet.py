@@ -19,7 +19,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from helpers import randomise_, serving  # noqa: E402
+from helpers import png_b64, randomise_, serving  # noqa: E402
 from ldm.controlnet_file import save_controlnet  # noqa: E402
 from ldm.generate.control import ControlUnit, fit, listed_name  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
@@ -46,12 +46,6 @@ def square_picture() -> Image.Image:
     picture = np.zeros((80, 64, 3), np.uint8)
     picture[20:50, 10:40] = 255
     return Image.fromarray(picture)
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decoded(text: str) -> np.ndarray:

@@ -14,6 +14,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from helpers import png_b64  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 from ldm.server.app import ServerConfig, create_app  # noqa: E402
 from ldm.server.extras import is_x4_checkpoint  # noqa: E402
@@ -36,12 +37,6 @@ def client(models, tmp_path_factory):
                                   log=lambda *args: None))
     with TestClient(app) as test_client:
         yield test_client
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decoded(text: str) -> Image.Image:
