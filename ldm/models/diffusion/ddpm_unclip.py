@@ -16,18 +16,10 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
 
 
-def _without_attention_backend(unet_config):
-    """The UNet config without `spatial_transformer_attn_type` ("softmax-xformers" in the unCLIP configs): it
-    picks the originals' attention kernel (xformers or not), the same computation either way."""
-    params = dict(unet_config.get("params") or {})
-    params.pop("spatial_transformer_attn_type", None)
-    return {**unet_config, "params": params}
-
-
 class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
     def __init__(self, embedder_config, embedding_key="jpg", embedding_dropout=0.5, freeze_embedder=True,
                  noise_aug_config=None, unet_config=None, **kwargs):
-        super().__init__(unet_config=_without_attention_backend(unet_config), **kwargs)
+        super().__init__(unet_config=unet_config, **kwargs)
         if self.model.conditioning_key != "crossattn-adm":
             raise ValueError("an unCLIP model needs conditioning_key: crossattn-adm (text by cross-attention, the "
                              "image embedding as the UNet's vector condition)")

@@ -110,6 +110,7 @@ class UNetModel(nn.Module):
         use_spatial_transformer=True,
         image_size=None,  # unused: the originals' configs carry it
         use_fp16=False,  # ignored: the loader picks the dtype from the device and the user's choice
+        spatial_transformer_attn_type=None,  # ignored: the originals' kernel choice (xformers), the same computation
         dims=2,
         **unsupported,
     ):
