@@ -206,25 +206,10 @@ def vae_decode(args) -> dict:
 
 def openvino_step(args) -> dict:
     """OpenVINO's guided UNet call (batch 2) at --size, converted from the same diffusers UNet."""
-    import openvino
+    from step_vs_openvino import openvino_call
 
-    unet = common.diffusers_unet(common.read_original_checkpoint(common.sd1_checkpoint(args.workdir)))
-    inputs = StepInputs(args.size, common.ddim_scheduler())
-    example = (torch.cat([inputs.latent] * 2), torch.tensor(inputs.timestep), inputs.context)
-
-    class Traced(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, context):
-            return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
-
-    with torch.inference_mode():
-        compiled = openvino.compile_model(openvino.convert_model(Traced(), example_input=example), "CPU")
-    del unet
-    call = lambda: compiled(list(map(np.asarray, example)))  # noqa: E731
-    return {"step_s": common.alternate({"openvino": call}, args.repeats)["openvino"]}
+    args.profile = False
+    return {"step_s": common.alternate({"openvino": openvino_call(args)}, args.repeats)["openvino"]}
 
 
 CHILDREN = {"unet-share": unet_share, "vae-decode": vae_decode, "openvino": openvino_step}

@@ -452,6 +452,12 @@ def resolve_resume(resume) -> tuple[Path, Path]:
     if not checkpoint.is_file():
         raise UserError(f"--resume {resume}: {checkpoint} is missing: give the log dir of a run that saved a "
                         "checkpoint, or one of its checkpoints/*.ckpt")
+    try:  # tensors, numbers and plain containers only: a pickle that would run code is refused here
+        torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001  (any unreadable file is the same one-line answer)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--resume {resume}: {checkpoint.name} is not a training checkpoint that can be read "
+                        f"safely ({reason[:160]}): give a checkpoint saved by scripts/train.py") from None
     return logdir, checkpoint
 
 
@@ -556,7 +562,7 @@ def _train(options):
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
     started = time.perf_counter()
-    trainer.fit(wrapper, datamodule=datamodule, ckpt_path=resume_ckpt)
+    trainer.fit(wrapper, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
     minutes = (time.perf_counter() - started) / 60
     logdir = run_folder.path
     trainer.save_checkpoint(logdir / "checkpoints" / LAST_CHECKPOINT)

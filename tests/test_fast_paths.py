@@ -23,7 +23,8 @@ from ldm.checkpoint import load_model, read_checkpoint
 from ldm.placement import channels_last_kernel, mapped_ranges, place_weights, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
-from ldm.modules.diffusionmodules.util import GroupNorm32, Linear
+from ldm.modules.diffusionmodules import util as diffusion_util
+from ldm.modules.diffusionmodules.util import PHASES_MIN_PIXELS, GroupNorm32, Linear, nearest_upsample_conv
 from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
 
 FP32_REORDERING = 1e-5
@@ -66,7 +67,10 @@ def test_group_norm_of_fp32_input_with_bf16_weights_runs_in_fp32():
 
 
 # --- in-place ops at inference --------------------------------------------------------------------------------
-def test_inference_output_equals_the_autograd_output_and_training_still_backpropagates():
+def test_inference_output_equals_the_autograd_output_and_training_still_backpropagates(monkeypatch):
+    # The four-phase upsampling convolutions reorder fp32 sums at inference (their own test holds them to
+    # FP32_REORDERING); off here, so that this comparison stays exact for the in-place ops it is about.
+    monkeypatch.setattr(diffusion_util, "PHASES_MIN_PIXELS", math.inf)
     model = tiny_model()
     unet = model.model.diffusion_model
     x, t, context = unet_inputs()
@@ -136,6 +140,37 @@ def test_linear_runs_cpu_inference_as_a_1x1_convolution_with_the_same_numbers(mo
     assert torch.equal(few_rows, F.linear(tokens[:, :1], layer.weight, layer.bias))
     assert torch.equal(layer(tokens), expected)  # training (gradients on) keeps the matmul
     assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("height, width", [(16, 16), (17, 23), (32, 8)])
+def test_upsample_then_convolve_runs_as_four_phase_convolutions_with_the_same_numbers(monkeypatch, bias, height,
+                                                                                      width):
+    conv = torch.nn.Conv2d(24, 40, 3, padding=1, bias=bias)
+    x = torch.randn(2, 24, height, width, generator=seeded(7)).contiguous(memory_format=torch.channels_last)
+    plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    kernels = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: kernels.append(args[1].shape)
+                        or real_conv2d(*args, **kwargs))
+    with torch.inference_mode():
+        out = nearest_upsample_conv(x, conv)
+        sized = nearest_upsample_conv(x, conv, output_size=(2 * height, 2 * width))
+        odd = nearest_upsample_conv(x, conv, output_size=(2 * height - 1, 2 * width))  # the UNet's odd sizes
+    assert kernels[:2] == [(160, 24, 2, 2)] * 2 and kernels[2] == (40, 24, 3, 3)
+    assert out.shape == plain.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, plain) < FP32_REORDERING and torch.equal(out, sized)
+    assert torch.equal(odd, conv(F.interpolate(x, size=(2 * height - 1, 2 * width), mode="nearest")))
+    small = x[:, :, :4, :4]
+    assert height * width >= PHASES_MIN_PIXELS > 16
+    with torch.inference_mode():
+        assert torch.equal(nearest_upsample_conv(small, conv),
+                           conv(F.interpolate(small, scale_factor=2.0, mode="nearest")))  # too small: the plain way
+    assert torch.equal(nearest_upsample_conv(x, conv), plain)  # gradients on: the plain way
+    conv.weight.data.mul_(2)  # weights changed in place (a LoRA merged) are used at once
+    with torch.inference_mode():
+        doubled = nearest_upsample_conv(x, conv)
+    assert relative_error(doubled, conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))) < FP32_REORDERING
 
 
 def test_place_weights_keeps_tied_weights_tied():

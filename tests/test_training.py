@@ -2,6 +2,8 @@
 import csv
 import importlib.util
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_model
+from ldm.generate.errors import UserError
 from ldm.lr_scheduler import LambdaLinearScheduler
 from ldm.modules.ema import ema_name
 from ldm.util import instantiate_from_config
@@ -127,6 +130,23 @@ def test_resume_continues_from_the_saved_step(run):
     assert checkpoint["state_dict"]["model_ema.num_updates"].item() == 35
     steps = [int(row["step"]) for row in read_metrics(run["logdir"]) if row.get("train/loss")]
     assert steps[-5:] == list(range(30, 35))
+
+
+def test_a_resume_checkpoint_that_would_run_code_is_refused_in_one_line(run, tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'MARKER'}",))
+
+    logdir = tmp_path / "run"
+    shutil.copytree(run["logdir"] / "configs", logdir / "configs")
+    (logdir / "checkpoints").mkdir()
+    checkpoint = torch.load(run["logdir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**checkpoint, "callbacks": RunsCode()}, logdir / "checkpoints" / "last.ckpt")
+    with pytest.raises(UserError) as error:
+        load_train_script().main(["--resume", str(logdir), "--max_steps", "40"])
+    assert len(str(error.value).splitlines()) == 1
+    assert "last.ckpt is not a training checkpoint that can be read safely" in str(error.value)
+    assert not (tmp_path / "MARKER").exists() and sorted(os.listdir(logdir)) == ["checkpoints", "configs"]
 
 
 def test_export_is_small_fp16_with_ema_weights_and_loads_strictly(run):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import add_to_fresh, silu_of_fresh
+from ldm.modules.diffusionmodules.util import add_to_fresh, nearest_upsample_conv, silu_of_fresh
 
 from ldm.modules.diffusionmodules.util import norm_groups
 
@@ -71,7 +71,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return nearest_upsample_conv(x, self.conv)
 
 
 def _level(blocks, attentions):

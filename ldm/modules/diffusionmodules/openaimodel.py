@@ -8,13 +8,13 @@ text and size embeddings through `label_emb`) is added to the time embedding; a 
 added to the middle block's output and to each skip connection.
 """
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     add_to_fresh,
+    nearest_upsample_conv,
     normalization,
     silu_of_fresh,
     timestep_embedding,
@@ -62,11 +62,7 @@ class Upsample(nn.Module):
     def forward(self, x, output_size=None):
         # Upsampling to the skip connection's size (not blindly x2) lets odd latent sizes through:
         # a 9-wide latent goes down to 5 and must come back to 9, not 10.
-        if output_size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=output_size, mode="nearest")
-        return self.conv(x)
+        return nearest_upsample_conv(x, self.conv, output_size)
 
 
 class TimestepEmbedSequential(nn.Sequential):

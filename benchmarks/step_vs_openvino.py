@@ -1,0 +1,194 @@
+"""One guided UNet call (batch 2, fp32), ours beside OpenVINO's, on one random full-size SD 1.x checkpoint.
+
+    flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 512 --repeats 3 [--profile]
+
+OpenVINO runs diffusers' UNet built from the same file (diffusers' own single-file conversion), converted with
+`openvino.convert_model` and compiled for the CPU with its defaults (latency hint, threads = cores). Ours is the
+UNet as `load_model` places it. Each side runs in its own process (two thread pools in one process steal
+each other's cores), started once per size; the calls alternate between the two processes, one call at a
+time, so a busy neighbour slows both alike. Medians of --repeats calls after one warm-up call each.
+--profile prints where each side's time goes: torch.profiler's operators for ours, OpenVINO's per-node
+counters grouped by layer type for theirs.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repository on sys.path and sets HF_HUB_OFFLINE)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SEED = 42
+TIMESTEP = 801
+
+
+def step_inputs(size: int):
+    generator = torch.Generator().manual_seed(SEED)
+    latent = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    return latent, torch.full((2,), TIMESTEP), context
+
+
+def our_call(args):
+    from ldm.checkpoint import load_model
+    from ldm.modules.diffusionmodules import util
+
+    if args.child == "ours-plain-upsampling":  # what the four-phase upsampling convolutions buy
+        util.PHASES_MIN_PIXELS = float("inf")
+
+    unet = load_model(common.sd1_checkpoint(args.workdir), common.SD1_CONFIG, "cpu", torch.float32,
+                      log=lambda line: None).model.model.diffusion_model
+    latent, timesteps, context = step_inputs(args.size)
+
+    def call():
+        with torch.inference_mode():
+            return unet(latent, timesteps, context)
+    return call
+
+
+def openvino_call(args):
+    import openvino
+
+    unet = common.diffusers_unet(common.read_original_checkpoint(common.sd1_checkpoint(args.workdir)))
+    latent, timesteps, context = step_inputs(args.size)
+
+    class Traced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    example = (latent, timesteps, context)
+    config = {"PERF_COUNT": "YES"} if args.profile else {}
+    with torch.inference_mode():
+        compiled = openvino.compile_model(openvino.convert_model(Traced(), example_input=example), "CPU", config)
+    del unet
+    request = compiled.create_infer_request()
+    feed = [np.asarray(tensor) for tensor in example]
+
+    def call():
+        request.infer(feed)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    call.request = request
+    return call
+
+
+def our_profile(call) -> list[tuple[str, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        call()
+    totals = [(event.key, event.self_cpu_time_total / 1e6) for event in recorded.key_averages()]
+    return sorted(totals, key=lambda item: -item[1])
+
+
+def openvino_profile(call) -> list[tuple[str, float]]:
+    totals = defaultdict(float)
+    for node in call.request.get_profiling_info():
+        totals[f"{node.node_type} ({node.exec_type})"] += node.real_time.total_seconds()
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
+def child(args):
+    """Serve calls on stdin ("call", "profile", "quit"), answering each with one JSON line on stdout."""
+    common.use_our_process_settings()
+    call = openvino_call(args) if args.child == "openvino" else our_call(args)
+    output = call()
+    np.save(args.workdir / f"step-vs-openvino-{args.child}-{args.size}.npy", output.numpy())
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "call":
+            start = time.perf_counter()
+            call()
+            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        elif command == "profile":
+            rows = openvino_profile(call) if args.child == "openvino" else our_profile(call)
+            print(json.dumps({"profile": rows[:args.profile_rows]}), flush=True)
+        else:
+            return
+
+
+def start_child(side: str, size: int, args) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--child", side, "--size", str(size), "--workdir", str(args.workdir),
+               "--profile-rows", str(args.profile_rows)] + (["--profile"] if args.profile else [])
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ask(process, None)
+    return process
+
+
+def ask(process: subprocess.Popen, command: str | None) -> dict:
+    if command:
+        process.stdin.write(command + "\n")
+        process.stdin.flush()
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the child process ended (exit status {process.wait()})")
+    return json.loads(line)
+
+
+def relative(ours, theirs) -> float:
+    return float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=common.DEFAULT_WORKDIR, help="where the checkpoint is kept")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print where each side's time goes")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--plain-upsampling", action="store_true",
+                        help="also ours with the upsampling convolutions the plain way (upsample, then 3x3)")
+    parser.add_argument("--child", choices=["ours", "openvino", "ours-plain-upsampling"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    print(common.use_our_process_settings(), flush=True)
+    common.sd1_checkpoint(args.workdir)
+    rows = []
+    for size in args.sizes:
+        sides = ["ours", "openvino"] + (["ours-plain-upsampling"] if args.plain_upsampling else [])
+        children = {side: start_child(side, size, args) for side in sides}
+        times = {side: [] for side in children}
+        for _ in range(args.repeats):
+            for side, process in children.items():
+                times[side].append(ask(process, "call")["seconds"])
+        if args.profile:
+            for side, process in children.items():
+                print(f"\n{side} at {size}x{size}, one call, self time by operator:")
+                for name, seconds in ask(process, "profile")["profile"]:
+                    print(f"  {seconds:8.3f} s  {name}")
+        for process in children.values():
+            process.stdin.write("quit\n")
+            process.stdin.close()
+            process.wait()
+        outputs = {side: np.load(args.workdir / f"step-vs-openvino-{side}-{size}.npy") for side in children}
+        error = relative(outputs["ours"], outputs["openvino"])
+        o, t = statistics.median(times["ours"]), statistics.median(times["openvino"])
+        rows.append(f"| {size}² | {o:.2f} s | {t:.2f} s | {o / t:.2f} | {error:.1e} |")
+        print(f"{size}²: ours {o:.2f} s, OpenVINO {t:.2f} s, ours ÷ OpenVINO {o / t:.2f}; every call: "
+              + "; ".join(f"{side} " + " ".join(f"{s:.2f}" for s in values) for side, values in times.items()),
+              flush=True)
+        if args.plain_upsampling:
+            plain = statistics.median(times["ours-plain-upsampling"])
+            print(f"  ours with plain upsampling {plain:.2f} s: four-phase ÷ plain {o / plain:.2f}, outputs' relative "
+                  f"difference {relative(outputs['ours'], outputs['ours-plain-upsampling']):.1e}", flush=True)
+    print("\n| size | ours | OpenVINO | ours ÷ OpenVINO | outputs' relative difference |")
+    print("|------|------|----------|-----------------|------------------------------|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
