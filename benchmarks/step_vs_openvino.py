@@ -1,6 +1,7 @@
 """One guided UNet call (batch 2, fp32), ours beside OpenVINO's, on one random full-size SD 1.x checkpoint.
 
     flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 512 --repeats 3 [--profile]
+    flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 --int8
 
 OpenVINO runs diffusers' UNet built from the same file (diffusers' own single-file conversion), converted with
 `openvino.convert_model` and compiled for the CPU with its defaults (latency hint, threads = cores). Ours is the
@@ -8,7 +9,10 @@ UNet as `load_model` places it. Each side runs in its own process (two thread po
 each other's cores), started once per size; the calls alternate between the two processes, one call at a
 time, so a busy neighbour slows both alike. Medians of --repeats calls after one warm-up call each.
 --profile prints where each side's time goes: torch.profiler's operators for ours, OpenVINO's per-node
-counters grouped by layer type for theirs.
+counters grouped by layer type for theirs. --plain-upsampling adds ours with the upsampling convolutions done
+the plain way; --int8 adds our `--precision int8` UNet and OpenVINO's full static int8 (NNCF, 8 calibration
+batches, SmoothQuant; `pip install nncf`), each as a ratio to its own fp32 and to the other. Every side is a
+resident process with its own copy of the weights: with --int8 about 18 GB at once.
 """
 import argparse
 import json
@@ -27,6 +31,8 @@ import torch  # noqa: E402
 
 SEED = 42
 TIMESTEP = 801
+CALIBRATION_BATCHES = 8
+SIDES = ("ours", "openvino", "ours-plain-upsampling", "ours-int8", "openvino-int8")
 
 
 def step_inputs(size: int):
@@ -42,9 +48,12 @@ def our_call(args):
 
     if args.child == "ours-plain-upsampling":  # what the four-phase upsampling convolutions buy
         util.PHASES_MIN_PIXELS = float("inf")
-
     unet = load_model(common.sd1_checkpoint(args.workdir), common.SD1_CONFIG, "cpu", torch.float32,
                       log=lambda line: None).model.model.diffusion_model
+    if args.child == "ours-int8":  # what --precision int8 runs (inputs quantized on every call)
+        from ldm.quantization import quantize_unet
+
+        quantize_unet(unet)
     latent, timesteps, context = step_inputs(args.size)
 
     def call():
@@ -70,16 +79,36 @@ def openvino_call(args):
     example = (latent, timesteps, context)
     config = {"PERF_COUNT": "YES"} if args.profile else {}
     with torch.inference_mode():
-        compiled = openvino.compile_model(openvino.convert_model(Traced(), example_input=example), "CPU", config)
+        model = openvino.convert_model(Traced(), example_input=example)
     del unet
-    request = compiled.create_infer_request()
     feed = [np.asarray(tensor) for tensor in example]
+    if args.child == "openvino-int8":
+        model = openvino_static_int8(model, args.size)
+    request = openvino.compile_model(model, "CPU", config).create_infer_request()
 
     def call():
         request.infer(feed)
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
     call.request = request
     return call
+
+
+def openvino_static_int8(model, size: int):
+    """NNCF's full static int8 (weights and activations; SmoothQuant, as its transformer preset applies it),
+    calibrated on 8 batches of random latents and contexts at spread timesteps (speed does not depend on them;
+    random weights cannot judge the quality anyway)."""
+    import nncf
+
+    batches = []
+    for index in range(CALIBRATION_BATCHES):
+        generator = torch.Generator().manual_seed(SEED + 1 + index)
+        batches.append([torch.randn(2, 4, size // 8, size // 8, generator=generator).numpy(),
+                        np.full((2,), 999 - 125 * index, dtype=np.int64),
+                        torch.randn(2, 77, 768, generator=generator).numpy()])
+    # Bias correction only moves the outputs (and takes minutes per UNet): off, as speed is what is measured.
+    return nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=CALIBRATION_BATCHES,
+                         advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True))
 
 
 def our_profile(call) -> list[tuple[str, float]]:
@@ -101,7 +130,7 @@ def openvino_profile(call) -> list[tuple[str, float]]:
 def child(args):
     """Serve calls on stdin ("call", "profile", "quit"), answering each with one JSON line on stdout."""
     common.use_our_process_settings()
-    call = openvino_call(args) if args.child == "openvino" else our_call(args)
+    call = openvino_call(args) if args.child.startswith("openvino") else our_call(args)
     output = call()
     np.save(args.workdir / f"step-vs-openvino-{args.child}-{args.size}.npy", output.numpy())
     print(json.dumps({"ready": True}), flush=True)
@@ -112,7 +141,7 @@ def child(args):
             call()
             print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
         elif command == "profile":
-            rows = openvino_profile(call) if args.child == "openvino" else our_profile(call)
+            rows = openvino_profile(call) if args.child.startswith("openvino") else our_profile(call)
             print(json.dumps({"profile": rows[:args.profile_rows]}), flush=True)
         else:
             return
@@ -130,10 +159,12 @@ def ask(process: subprocess.Popen, command: str | None) -> dict:
     if command:
         process.stdin.write(command + "\n")
         process.stdin.flush()
-    line = process.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the child process ended (exit status {process.wait()})")
-    return json.loads(line)
+    while True:  # lines that are not the child's answer (NNCF's progress, a library's print) are passed over
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the child process ended (exit status {process.wait()})")
+        if line.startswith("{"):
+            return json.loads(line)
 
 
 def relative(ours, theirs) -> float:
@@ -149,7 +180,9 @@ def main():
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--plain-upsampling", action="store_true",
                         help="also ours with the upsampling convolutions the plain way (upsample, then 3x3)")
-    parser.add_argument("--child", choices=["ours", "openvino", "ours-plain-upsampling"], help=argparse.SUPPRESS)
+    parser.add_argument("--int8", action="store_true",
+                        help="also our --precision int8 UNet and OpenVINO's static int8 (NNCF, needs nncf)")
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,7 +192,8 @@ def main():
     common.sd1_checkpoint(args.workdir)
     rows = []
     for size in args.sizes:
-        sides = ["ours", "openvino"] + (["ours-plain-upsampling"] if args.plain_upsampling else [])
+        sides = ["ours", "openvino"] + (["ours-plain-upsampling"] if args.plain_upsampling else []) + (
+            ["ours-int8", "openvino-int8"] if args.int8 else [])
         children = {side: start_child(side, size, args) for side in sides}
         times = {side: [] for side in children}
         for _ in range(args.repeats):
@@ -185,6 +219,13 @@ def main():
             plain = statistics.median(times["ours-plain-upsampling"])
             print(f"  ours with plain upsampling {plain:.2f} s: four-phase ÷ plain {o / plain:.2f}, outputs' relative "
                   f"difference {relative(outputs['ours'], outputs['ours-plain-upsampling']):.1e}", flush=True)
+        if args.int8:
+            ours_int8, theirs_int8 = (statistics.median(times[side]) for side in ("ours-int8", "openvino-int8"))
+            print(f"  int8: ours {ours_int8:.2f} s ({ours_int8 / o:.2f}x our fp32), OpenVINO {theirs_int8:.2f} s "
+                  f"({theirs_int8 / t:.2f}x its fp32); ours ÷ OpenVINO in int8 {ours_int8 / theirs_int8:.2f}; "
+                  f"relative difference from fp32 (random weights: not a quality measure) ours "
+                  f"{relative(outputs['ours-int8'], outputs['ours']):.1e}, OpenVINO "
+                  f"{relative(outputs['openvino-int8'], outputs['openvino']):.1e}", flush=True)
     print("\n| size | ours | OpenVINO | ours ÷ OpenVINO | outputs' relative difference |")
     print("|------|------|----------|-----------------|------------------------------|")
     print("\n".join(rows))

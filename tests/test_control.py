@@ -275,10 +275,49 @@ def test_infotext_as_the_extension_writes_it_and_from_png_reads_it(pipe, files):
     restored = defaults["control_from_png"]
     assert restored == [{"model": name, "preprocessor": "canny", "weight": 0.5, "start": 0.1, "end": 0.9,
                          "threshold_a": 50.0, "threshold_b": 150.0, "processor_res": 512,
-                         "resize": "Resize and Fill", "mode": "My prompt is more important"}]
+                         "resize": "Resize and Fill", "mode": "My prompt is more important", "pixel_perfect": False}]
     unit = ControlUnit(**restored[0], image=files["picture"]).checked("--control 0")
     assert (unit.mode, unit.resize, unit.preprocessor) == ("prompt", "resize_and_fill", "canny")
     assert find_controlnet(unit.model, [files["control"].parent]) == files["control"]
+
+
+def test_pixel_perfect_runs_the_preprocessor_at_the_pictures_fitted_size(pipe, files):
+    picture = square_picture()  # 80 x 64 (height x width), fitted to 128 x 128
+    quiet = {**QUIET, "height": 128, "width": 128}
+    for resize, expected in (("crop_and_resize", 128), ("resize_and_fill", 102)):  # x 2 to cover, x 1.6 to fit
+        assert control.pixel_perfect_resolution(80, 64, 128, 128, resize) == expected
+        unit = ControlUnit(files["control"], files["picture"], preprocessor="canny", resize=resize, pixel_perfect=True)
+        assert np.array_equal(control.detect_for(unit, picture, (128, 128)),
+                              preprocessors.detect("canny", picture, resolution=expected))
+        text = pipe("a red square", control=[unit], **quiet).infotexts[0]
+        assert f"Processor Res: {expected}," in text and "Pixel Perfect: True" in text
+        restored = png_option_defaults(text, {"prompt", "control_from_png"}, log=print)["control_from_png"][0]
+        assert (restored["pixel_perfect"], restored["processor_res"]) == (True, expected)
+    plain = ControlUnit(files["control"], files["picture"], preprocessor="canny")
+    assert np.array_equal(control.detect_for(plain, picture, (128, 128)), preprocessors.detect("canny", picture))
+    parser = __import__("argparse").ArgumentParser()
+    control.add_arguments(parser)
+    given = ["--control", "a", "--control_image", "x.png", "--control", "b", "--control_image", "y.png"]
+    args = parser.parse_args(given + ["--control_pixel_perfect", "yes", "--control_pixel_perfect", "no"])
+    assert [unit.pixel_perfect for unit in control.units_from_args(args)] == [True, False]
+    with pytest.raises(SystemExit):
+        parser.parse_args(given[:4] + ["--control_pixel_perfect", "maybe"])
+
+
+def test_controlnet_weights_count_in_the_memory_estimate(files):
+    from ldm.controlnet_file import read_controlnet
+    from ldm.generate import memory
+
+    weights, _ = read_controlnet(files["control"])
+    one = sum(tensor.numel() for tensor in weights.values()) * 2
+    units = [ControlUnit("control_tiny", files["picture"]), ControlUnit(files["control"], files["picture"]),
+             ControlUnit("no such controlnet", files["picture"])]  # refused later, by the loader, with its reason
+    assert control.weights_bytes(units, [files["control"].parent], itemsize=2) == 2 * one
+    run = memory.Run(memory.Architecture(), memory.Weights(3000, 1000, 500), 1, 512, 512, 2)
+    for lowmem, resident in ((False, 4500 + 2 * one), (True, 3000 + 2 * one)):
+        plain, controlled = run.with_(lowmem=lowmem), run.with_(lowmem=lowmem, control=2 * one)
+        assert memory.estimate_peak(controlled)["weights"] == resident
+        assert memory.estimate_peak(controlled)["peak"] - memory.estimate_peak(plain)["peak"] == 2 * one
 
 
 def test_a1111_api_units(files):

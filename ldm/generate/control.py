@@ -22,7 +22,7 @@ import hashlib
 import io
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -31,7 +31,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.controlnet_file import ControlNetError, LoadedControlNet, diffusers_weights, list_controlnets, load_controlnet
+from ldm.controlnet_file import (ControlNetError, LoadedControlNet, diffusers_weights, find_controlnet, list_controlnets,
+                                 load_controlnet, read_controlnet)
 from ldm.generate import preprocessors
 from ldm.generate.errors import UserError
 from ldm.generate.images import open_image, to_rgb
@@ -58,7 +59,8 @@ class ControlUnit:
     fractions of the steps it acts in; mode: balanced, prompt or control; resize: just_resize,
     crop_and_resize (A1111's default) or resize_and_fill; preprocessor: none, canny, invert, binary,
     depth_midas; threshold_a / threshold_b: the preprocessor's (canny: low / high; binary: the threshold),
-    None for its defaults; processor_res: the shorter side it runs at; midas: MiDaS weights for depth_midas."""
+    None for its defaults; processor_res: the shorter side it runs at; pixel_perfect: instead, the shorter side
+    the picture has once fitted to the output (A1111's "Pixel Perfect"); midas: MiDaS weights for depth_midas."""
     model: str | Path
     image: object
     weight: float = 1.0
@@ -70,6 +72,7 @@ class ControlUnit:
     threshold_a: float | None = None
     threshold_b: float | None = None
     processor_res: int = preprocessors.DEFAULT_PROCESSOR_RES
+    pixel_perfect: bool = False
     midas: str | Path | None = None
 
     def checked(self, label: str) -> "ControlUnit":
@@ -84,6 +87,8 @@ class ControlUnit:
             raise UserError(f"{label} has no control image: give --control_image for each --control")
         if not (isinstance(self.processor_res, int) and 64 <= self.processor_res <= 4096):
             raise UserError(f"{label}: its processor resolution {self.processor_res} is outside 64..4096")
+        if not isinstance(self.pixel_perfect, bool):
+            raise UserError(f"{label}: pixel_perfect={self.pixel_perfect!r} must be true or false")
         return ControlUnit(**{**self.__dict__, "mode": resolve_choice(self.mode, CONTROL_MODES, {}, label, "mode"),
                               "resize": resolve_choice(self.resize, RESIZE_MODES, RESIZE_ALIASES, label, "resize mode"),
                               "preprocessor": preprocessors.resolve_preprocessor(self.preprocessor)})
@@ -152,6 +157,30 @@ def fit(picture: np.ndarray, height: int, width: int, resize: str) -> np.ndarray
     top, left = (height - new_height) // 2, (width - new_width) // 2
     canvas[top:top + new_height, left:left + new_width] = scaled
     return canvas
+
+
+def pixel_perfect_resolution(picture_height: int, picture_width: int, height: int, width: int, resize: str) -> int:
+    """The extension's "pixel perfect" processor resolution: the picture's shorter side scaled as the resize
+    mode scales it to the output (by the smaller factor for resize_and_fill, the larger otherwise)."""
+    scales = (height / picture_height, width / picture_width)
+    scale = min(scales) if resize == "resize_and_fill" else max(scales)
+    return int(np.round(scale * min(picture_height, picture_width)))
+
+
+def with_pixel_perfect(unit: ControlUnit, picture: np.ndarray, output_size=None) -> ControlUnit:
+    """The unit with its processor resolution pixel perfect's for an output of output_size (height, width), kept
+    within the 64..4096 a unit allows (so that the infotext says, and --from_png restores, what ran)."""
+    if not unit.pixel_perfect or output_size is None:
+        return unit
+    resolution = pixel_perfect_resolution(*picture.shape[:2], *output_size, unit.resize)
+    return replace(unit, processor_res=min(4096, max(64, resolution)))
+
+
+def detect_for(unit: ControlUnit, picture: np.ndarray, output_size=None, depth=None) -> np.ndarray:
+    """The unit's detected map of its picture (HxWx3 uint8, before fitting to an output of output_size)."""
+    unit = with_pixel_perfect(unit, picture, output_size)
+    return preprocessors.detect(unit.preprocessor, picture, unit.threshold_a, unit.threshold_b, unit.processor_res,
+                                depth)
 
 
 # --- the residuals ------------------------------------------------------------------------------------------
@@ -243,8 +272,10 @@ class RunControl:
     before any sampling, so that a bad unit stops the run before it starts. With --lowmem the ControlNets
     are given back after each pass and read again for the next (they are one more component)."""
 
-    def __init__(self, units: list[ControlUnit], loaded, log=print, search_dirs=(), low_memory: bool = False):
+    def __init__(self, units: list[ControlUnit], loaded, log=print, search_dirs=(), low_memory: bool = False,
+                 output_size: tuple[int, int] | None = None):
         self.loaded, self.log, self.search_dirs = loaded, log, tuple(search_dirs)
+        self.output_size = output_size  # (height, width) of the first pass: pixel perfect's target
         self.low_memory = low_memory
         model = loaded.model
         if getattr(model.model, "conditioning_key", None) not in ("crossattn", "hybrid"):
@@ -269,8 +300,8 @@ class RunControl:
         depth = (preprocessors.DepthEstimator(unit.midas, self.loaded.device, self.loaded.dtype)
                  if unit.midas is not None else None)
         picture = picture_array(unit.image, f"{label}'s --control_image")
-        detected = preprocessors.detect(unit.preprocessor, picture, unit.threshold_a, unit.threshold_b,
-                                        unit.processor_res, depth)
+        unit = with_pixel_perfect(unit, picture, self.output_size)
+        detected = detect_for(unit, picture, depth=depth)
         return ActiveUnit(unit, label, network.path, detected, network)
 
     def release(self):
@@ -319,7 +350,7 @@ def unit_infotext(active: ActiveUnit, low_memory: bool = False) -> str:
               "Weight": float(unit.weight), "Resize Mode": RESIZE_MODES[unit.resize], "Low Vram": bool(low_memory),
               "Processor Res": unit.processor_res if spec.uses_resolution else None,
               "Threshold A": threshold_a, "Threshold B": threshold_b,
-              "Guidance Start": float(unit.start), "Guidance End": float(unit.end), "Pixel Perfect": False,
+              "Guidance Start": float(unit.start), "Guidance End": float(unit.end), "Pixel Perfect": bool(unit.pixel_perfect),
               "Control Mode": CONTROL_MODES[unit.mode], "Hr Option": "Both", "Save Detected Map": True}
     return ", ".join(f"{key}: {value}" for key, value in values.items() if value is not None)
 
@@ -329,7 +360,8 @@ def start_control(job, loaded, folder, log=print) -> RunControl | None:
     beside the outputs, numbered after the highest there: never overwriting)."""
     if not job.control:
         return None
-    control = RunControl(job.control, loaded, log, job.controlnet_dirs, low_memory=loaded.components is not None)
+    control = RunControl(job.control, loaded, log, job.controlnet_dirs, low_memory=loaded.components is not None,
+                         output_size=(job.height, job.width))
     save = getattr(folder, "_save", None)  # an OutputFolder; the Python API's pictures in memory have no files
     if job.save_control_maps and save is not None:
         for detected in control.maps(job.height, job.width):
@@ -347,7 +379,7 @@ UNIT_OPTIONS = {"control_image": ("image", str), "control_weight": ("weight", fl
                 "control_end": ("end", float), "control_mode": ("mode", str), "control_resize": ("resize", str),
                 "control_preprocessor": ("preprocessor", str), "canny_low": ("threshold_a", float),
                 "canny_high": ("threshold_b", float), "binary_threshold": ("threshold_a", float),
-                "control_processor_res": ("processor_res", int)}
+                "control_processor_res": ("processor_res", int), "control_pixel_perfect": ("pixel_perfect", bool)}
 
 
 def add_arguments(parser):
@@ -377,6 +409,9 @@ def add_arguments(parser):
                        help="binary's threshold, 0..255 (default 0: Otsu's)")
     group.add_argument("--control_processor_res", action="append", type=int, metavar="PIXELS",
                        help="the shorter side canny, binary and depth_midas run at (default 512, A1111's)")
+    group.add_argument("--control_pixel_perfect", action="append", type=yes_or_no, metavar="yes|no",
+                       help="A1111's Pixel Perfect: the preprocessor runs at the picture's size once fitted to the "
+                            "output, not at --control_processor_res (default no)")
     group.add_argument("--controlnet_dir", action="append", metavar="DIR", default=[],
                        help="where --control finds a ControlNet by name, before models/ControlNet; repeatable")
     group.add_argument("--save_control_maps", action="store_true",
@@ -385,6 +420,13 @@ def add_arguments(parser):
         group.add_argument("--midas", default=None, metavar="PATH",
                            help="MiDaS weights for depth_midas (dpt_hybrid-midas-501f0c75.pt, or a depth checkpoint)")
     group.add_argument("--control_from_png", default=None, help=argparse.SUPPRESS)  # units set by --from_png
+
+
+def yes_or_no(text: str) -> bool:
+    answer = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}.get(text.strip().lower())
+    if answer is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither yes nor no")
+    return answer
 
 
 def units_from_args(args) -> list[ControlUnit]:
@@ -428,6 +470,19 @@ def prepare_args(args):
         args.control_units = units_from_args(args)
 
 
+def weights_bytes(units: list[ControlUnit], search_dirs=(), itemsize: int = 4) -> int:
+    """What the units' ControlNets weigh at the run's dtype (for the memory check; the files are read as headers
+    or memory maps, not loaded). One that cannot be found or read counts nothing: loading it names the problem."""
+    total = 0
+    for unit in units:
+        try:
+            weights, _ = read_controlnet(find_controlnet(unit.model, search_dirs))
+        except Exception:  # noqa: BLE001 - any unusable file: refused with its reason when the run loads it
+            continue
+        total += sum(tensor.numel() for tensor in weights.values() if tensor.is_floating_point()) * itemsize
+    return total
+
+
 def job_fields(args) -> dict:
     """The Job's control fields from the options (prepare_args first)."""
     return {"control": list(getattr(args, "control_units", None) or []), "controlnet_dirs": tuple(getattr(args, "controlnet_dir", None) or ()),
@@ -449,6 +504,8 @@ def parse_infotext_unit(text: str) -> dict:
     for key, name in (("Resize Mode", "resize"), ("Control Mode", "mode")):
         if key in values:
             fields[name] = values[key]
+    if "Pixel Perfect" in values:
+        fields["pixel_perfect"] = values["Pixel Perfect"].lower() == "true"
     if not fields["model"]:
         raise ValueError("no Model")
     return fields
@@ -481,9 +538,8 @@ def decode_base64_picture(text: str, label: str) -> Image.Image:
 def units_from_a1111(args: list, decode=decode_base64_picture) -> list[ControlUnit]:
     """ControlUnits from A1111's `alwayson_scripts.controlnet.args`: dicts as webuiapi.ControlNetUnit.to_dict()
     sends them (input_image or image in base64, module, model, weight, resize_mode, guidance_start / end,
-    control_mode, processor_res, threshold_a / b; -1 means the module's default; enabled: false units are
-    skipped). Modes by name or by their enums' positions. pixel_perfect is not applied: the preprocessor runs
-    at processor_res (512 by default)."""
+    control_mode, processor_res, pixel_perfect, threshold_a / b; -1 means the module's default; enabled: false
+    units are skipped). Modes by name or by their enums' positions."""
     units = []
     for index, given in enumerate(args or []):
         label = f"controlnet unit {index}"
@@ -510,7 +566,8 @@ def units_from_a1111(args: list, decode=decode_base64_picture) -> list[ControlUn
             mode=given.get("control_mode", "balanced"), resize=given.get("resize_mode", "crop_and_resize"),
             preprocessor=given.get("module") or "none", threshold_a=number("threshold_a", None),
             threshold_b=number("threshold_b", None),
-            processor_res=number("processor_res", preprocessors.DEFAULT_PROCESSOR_RES, int)).checked(label))
+            processor_res=number("processor_res", preprocessors.DEFAULT_PROCESSOR_RES, int),
+            pixel_perfect=given.get("pixel_perfect", False)).checked(label))
     return units
 
 

@@ -4,6 +4,7 @@ The estimate (`estimate_peak`) counts, at the run's dtype:
 - the weights: before loading, from the checkpoint file (a .safetensors header's shapes, exact; a pickle
   checkpoint's size, assumed fp32, which overcounts files that also hold EMA weights or optimizer state);
   after loading they are already in use, so only what --lowmem converts on demand (its largest part) counts;
+  the ControlNets, loaded after the model (with --lowmem beside the UNet), count in both;
 - the sampler's latents: a few copies of [batch, C, H/f, W/f] in fp32;
 - the UNet's activations for batch x 2 (guidance: the conditional and unconditional halves in one call) at
   H/f x W/f: 16 x model_channels values per latent pixel (the top-level transformer's feed-forward: its
@@ -140,6 +141,7 @@ class Run:
     guidance: bool = True
     lowmem: bool = False
     weights_loaded: bool = False  # then they are already in use, except what --lowmem converts on demand
+    control: int = 0  # bytes of the ControlNets (loaded with the UNet, after the model; --lowmem too)
 
     def with_(self, **changes) -> "Run":
         return Run(**{**self.__dict__, **changes})
@@ -149,9 +151,9 @@ def estimate_peak(run: Run) -> dict:
     """The run's peak in bytes, by part: {"weights", "latents", "unet", "decoder", "peak"}."""
     arch, weights = run.architecture, run.weights
     if run.lowmem:
-        resident = max(weights.unet, weights.autoencoder, weights.other)
+        resident = max(weights.unet + run.control, weights.autoencoder, weights.other)
     else:
-        resident = 0 if run.weights_loaded else weights.total
+        resident = (0 if run.weights_loaded else weights.total) + run.control
     latent_pixels = (run.height // arch.factor) * (run.width // arch.factor)
     latents = LATENT_COPIES * run.batch * arch.latent_channels * latent_pixels * 4
     unet_batch = run.batch * (2 if run.guidance else 1)

@@ -443,8 +443,14 @@ def check_run_before_loading(args, batches: list, size: tuple[int, int] | None =
         height, width = final_size(height, width, architecture.factor)
     itemsize = resolve_dtype(args.precision, device).itemsize
     run = memory.Run(architecture, memory.Weights.of_file(ckpt, itemsize), max(len(batch) for batch in batches),
-                     height, width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem)
+                     height, width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem,
+                     control=control_bytes(args, itemsize))
     memory.check_fits(run, device, _size_advice(args, architecture.factor if upscaled else 1, final_size is not None))
+
+
+def control_bytes(args, itemsize: int) -> int:
+    units = getattr(args, "control_units", None) or []
+    return control.weights_bytes(units, getattr(args, "controlnet_dir", None) or (), itemsize) if units else 0
 
 
 def config_before_loading(config, ckpt) -> dict:
@@ -478,7 +484,7 @@ def job_for_model(args, sampler: str, batches: list, loaded, height: int, width:
     peak_height, peak_width = final_size or (height, width)
     run = memory.Run(architecture, memory.Weights.of_model(loaded.model, itemsize), max(len(b) for b in batches),
                      peak_height, peak_width, itemsize, guidance=args.scale != 1.0, lowmem=args.lowmem,
-                     weights_loaded=True)
+                     weights_loaded=True, control=control_bytes(args, itemsize))
     memory.check_fits(run, loaded.device, _size_advice(args, architecture.factor if upscaled else 1,
                                                        final_size is not None))
     return job_from_args(args, sampler, batches, height, width)

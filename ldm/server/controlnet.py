@@ -12,7 +12,7 @@ in the answer's images, unless the unit says `save_detected_map: false`.
 import asyncio
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ldm.controlnet_file import HASH_SUFFIX, list_controlnets
 from ldm.generate import preprocessors
-from ldm.generate.control import ControlUnit, fit, listed_name, picture_array, units_from_a1111
+from ldm.generate.control import ControlUnit, detect_for, fit, listed_name, picture_array, units_from_a1111
 from ldm.generate.errors import UserError
 from ldm.generate.infotext import parse_parameters
 from ldm.server import pictures
@@ -77,14 +77,6 @@ def script_args(scripts: dict | None) -> list:
         if str(name).lower() == SCRIPT_NAME:
             return list(value.get("args") or [])
     return []
-
-
-def pixel_perfect_resolution(picture: Image.Image, height: int, width: int, resize: str) -> int:
-    """The extension's "pixel perfect" processor resolution: the picture's shorter side scaled as the resize
-    mode scales it to the output (by the smaller factor for resize_and_fill, the larger otherwise)."""
-    scales = (height / picture.height, width / picture.width)
-    scale = min(scales) if resize == "resize_and_fill" else max(scales)
-    return int(np.round(scale * min(picture.height, picture.width)))
 
 
 @dataclass
@@ -148,12 +140,10 @@ class ControlNets:
         enabled = [(given, label) for given, label in zip(cleaned, labels) if given.get("enabled", True)]
         control = RequestControl()
         for unit, (given, label) in zip(units, enabled):
-            if given.get("pixel_perfect"):
-                unit = checked_unit(replace(unit, processor_res=pixel_perfect_resolution(
-                    unit.image, request.height, request.width, unit.resize)), label)
             control.units.append(unit)
             if given.get("save_detected_map", True):  # fitted as the run fits it (the extension's detectmap_proc)
-                control.maps.append(Image.fromarray(fit(detected(unit, label), request.height, request.width,
+                output_size = (request.height, request.width)
+                control.maps.append(Image.fromarray(fit(detected(unit, label, output_size), *output_size,
                                                         unit.resize)))
         return control
 
@@ -202,11 +192,10 @@ def checked_unit(unit: ControlUnit, label: str) -> ControlUnit:
         raise RequestProblem(str(error)) from None
 
 
-def detected(unit: ControlUnit, label: str) -> np.ndarray:
-    """The unit's detected map (HxWx3 uint8), before fitting to the output."""
+def detected(unit: ControlUnit, label: str, output_size=None) -> np.ndarray:
+    """The unit's detected map (HxWx3 uint8), before fitting to the output of output_size (height, width)."""
     try:
-        return preprocessors.detect(unit.preprocessor, picture_array(unit.image, label), unit.threshold_a,
-                                    unit.threshold_b, unit.processor_res)
+        return detect_for(unit, picture_array(unit.image, label), output_size)
     except UserError as error:
         raise RequestProblem(str(error)) from None
 
