@@ -23,9 +23,9 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def unet_inputs(seed=0):
+def unet_inputs(seed=0, size=8):
     generator = seeded(seed)
-    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 700]),
+    return (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 700]),
             torch.randn(2, 7, 32, generator=generator))
 
 
@@ -63,9 +63,11 @@ def test_int8_linear_equals_its_quantized_arithmetic_with_a_static_range():
     assert torch.allclose(fake_quantized(outside, layer), torch.full((1, 32), 2.5, dtype=torch.float64), atol=0.02)
 
 
-def test_quantized_unet_is_close_to_fp32_and_keeps_the_latent_and_embedding_layers(tiny):
+# 32: the upsampling convolution's input is 16x16, where fp32 would take the four-phase path
+@pytest.mark.parametrize("size", [8, 32])
+def test_quantized_unet_is_close_to_fp32_and_keeps_the_latent_and_embedding_layers(tiny, size):
     unet = copy.deepcopy(tiny.model.diffusion_model)
-    x, t, context = unet_inputs()
+    x, t, context = unet_inputs(size=size)
     layers = quantizable_layers(unet)
     assert not any(part in name for name in layers for part in ("time_embed", "emb_layers"))
     with torch.no_grad():

@@ -132,12 +132,15 @@ def nearest_upsample_conv(x: torch.Tensor, conv: nn.Conv2d, output_size=None) ->
     and are interleaved into the channels-last result; equal to the plain way up to fp32 summation order.
     Pictures under PHASES_MIN_PIXELS keep the plain way: there the four phase kernels (16/9 of the weights, made
     anew each call because weights change in place under LoRA) cost more than the saved arithmetic.
+    Layers other than a plain nn.Conv2d (the int8 layers of --precision int8), and convolutions with hooks that
+    must see them called (int8 calibration records inputs so), keep the plain way too.
     """
     batch, _, height, width = x.shape
     doubled = (2 * height, 2 * width)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
             or height * width < PHASES_MIN_PIXELS
-            or (output_size is not None and tuple(output_size) != doubled) or conv.kernel_size != (3, 3)
+            or (output_size is not None and tuple(output_size) != doubled) or type(conv) is not nn.Conv2d
+            or conv._forward_pre_hooks or conv._forward_hooks or conv.kernel_size != (3, 3)
             or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
             or conv.padding_mode != "zeros"):
         return conv(F.interpolate(x, size=output_size or doubled, mode="nearest"))
