@@ -11,11 +11,15 @@ u8 x s8 pairs into int16 sums that saturate, so inputs get 7 bits there (127 lev
 reduce_range does; with VNNI or AMX the full 8 bits (255 levels).
 """
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+# torch.quantize_per_tensor is the one fused float -> uint8 pass torch has; it warns of its quantized tensor
+# type, which is only an intermediate here (the kernels take its int_repr), and is not used where it is gone.
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", category=UserWarning)
 EMBEDDING_MLPS = ("time_embed", "label_emb", "emb_layers")  # inputs of one row per image: fp32 is as fast
 NO_POST_OP = "none"  # oneDNN's name for "no fused post-op"
 
@@ -74,6 +78,14 @@ class InputRanges:
         return observe
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x as one row, a view where its memory is dense: reductions over a channels-last picture's own strides
+    run 10-40x slower than over its memory in order."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
 def _quantization_of(low: float, high: float, levels: int) -> tuple[float, int]:
     """(scale, zero point) mapping [low, high] (widened to hold 0, so that zero padding is exact) onto 0..levels."""
     low, high = min(low, 0.0), max(high, 0.0)
@@ -97,8 +109,15 @@ class Int8Layer(nn.Module):
         self.static = None if input_range is None else _quantization_of(*input_range, levels)
 
     def quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        scale, zero_point = self.static or _quantization_of(*(float(v) for v in torch.aminmax(x)), self.levels)
-        quantized = x.float().mul(1.0 / scale).round_().add_(zero_point).clamp_(0, self.levels).to(torch.uint8)
+        x = x.float()
+        scale, zero_point = self.static or _quantization_of(*(float(v) for v in torch.aminmax(_flat(x))),
+                                                            self.levels)
+        if hasattr(torch, "quantize_per_tensor"):  # one pass instead of four, 1.5-3x faster on large inputs
+            quantized = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+            if self.levels < 255:  # a static range clips what lies beyond it to the 7 bits
+                quantized.clamp_(max=self.levels)
+            return quantized, scale, zero_point
+        quantized = x.mul(1.0 / scale).round_().add_(zero_point).clamp_(0, self.levels).to(torch.uint8)
         return quantized, scale, zero_point
 
     def extra_repr(self) -> str:
