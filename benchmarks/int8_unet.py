@@ -12,7 +12,7 @@
    split, drawn as scripts/evaluate_adherence.py draws them), DDIM --steps, scale 5, seed k for prompt k:
    the PSNR of each variant's picture against fp32's (mean over the prompts) and the rule-based checker's
    score (ldm.data.adherence; "all right" = all five attributes read back), with the whole set's wall time
-   as a ratio to fp32's.
+   as a ratio to fp32's. --bf16 adds --precision bf16 to that table, the other reduced precision.
 """
 import argparse
 import math
@@ -85,6 +85,8 @@ def quality(args) -> dict:
     pipes = {"fp32": Pipeline.from_pretrained(EMBEDDED_MODEL, **quiet),
              "int8 (--precision int8: dynamic)": Pipeline.from_pretrained(EMBEDDED_MODEL, precision="int8", **quiet),
              "int8 static (calibrated)": static}
+    if args.bf16:
+        pipes["bf16 (--precision bf16)"] = Pipeline.from_pretrained(EMBEDDED_MODEL, precision="bf16", **quiet)
     prompts = draw_prompts("train", args.prompts, seed=0)
     results, reference = {}, None
     for name, pipe in pipes.items():
@@ -110,6 +112,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also --precision bf16 in the quality table (for a CPU with AVX512_BF16 or AMX)")
     parser.add_argument("--skip-quality", action="store_true", help="the full-size speed table only")
     args = parser.parse_args()
     print(common.use_our_process_settings())

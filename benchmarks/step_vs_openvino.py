@@ -11,8 +11,11 @@ time, so a busy neighbour slows both alike. Medians of --repeats calls after one
 --profile prints where each side's time goes: torch.profiler's operators for ours, OpenVINO's per-node
 counters grouped by layer type for theirs. --plain-upsampling adds ours with the upsampling convolutions done
 the plain way; --int8 adds our `--precision int8` UNet and OpenVINO's full static int8 (NNCF, 8 calibration
-batches, SmoothQuant; `pip install nncf`), each as a ratio to its own fp32 and to the other. Every side is a
-resident process with its own copy of the weights: with --int8 about 18 GB at once.
+batches, SmoothQuant; `pip install nncf`), each as a ratio to its own fp32 and to the other. --bf16 adds our
+`--precision bf16` UNet and OpenVINO's bf16 inference precision (worth it only where the CPU has AVX512_BF16 or
+AMX: the script says which it has). OpenVINO's fp32 side asks for f32 explicitly, as OpenVINO may otherwise pick
+bf16 on such CPUs. Every side is a resident process with its own copy of the weights: with --int8 about 18 GB at
+once.
 """
 import argparse
 import gc
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 SEED = 42
 TIMESTEP = 801
 CALIBRATION_BATCHES = 8
-SIDES = ("ours", "openvino", "ours-plain-upsampling", "ours-int8", "openvino-int8")
+SIDES = ("ours", "openvino", "ours-plain-upsampling", "ours-int8", "openvino-int8", "ours-bf16", "openvino-bf16")
 
 
 def step_inputs(size: int):
@@ -49,17 +52,19 @@ def our_call(args):
 
     if args.child == "ours-plain-upsampling":  # what the four-phase upsampling convolutions buy
         util.PHASES_MIN_PIXELS = float("inf")
-    unet = load_model(common.sd1_checkpoint(args.workdir), common.SD1_CONFIG, "cpu", torch.float32,
+    dtype = torch.bfloat16 if args.child == "ours-bf16" else torch.float32
+    unet = load_model(common.sd1_checkpoint(args.workdir), common.SD1_CONFIG, "cpu", dtype,
                       log=lambda line: None).model.model.diffusion_model
     if args.child == "ours-int8":  # what --precision int8 runs (inputs quantized on every call)
         from ldm.quantization import quantize_unet
 
         quantize_unet(unet)
     latent, timesteps, context = step_inputs(args.size)
+    latent, context = latent.to(dtype), context.to(dtype)
 
     def call():
         with torch.inference_mode():
-            return unet(latent, timesteps, context)
+            return unet(latent, timesteps, context).float()
     return call
 
 
@@ -78,7 +83,9 @@ def openvino_call(args):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     example = (latent, timesteps, context)
-    config = {"PERF_COUNT": "YES"} if args.profile else {}
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if args.child == "openvino-bf16" else "f32"}
+    if args.profile:
+        config["PERF_COUNT"] = "YES"
     with torch.inference_mode():
         model = openvino.convert_model(Traced(), example_input=example)
     del unet
@@ -179,6 +186,14 @@ def ask(process: subprocess.Popen, command: str | None) -> dict:
             return json.loads(line)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def relative(ours, theirs) -> float:
     return float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
 
@@ -194,6 +209,8 @@ def main():
                         help="also ours with the upsampling convolutions the plain way (upsample, then 3x3)")
     parser.add_argument("--int8", action="store_true",
                         help="also our --precision int8 UNet and OpenVINO's static int8 (NNCF, needs nncf)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also our --precision bf16 UNet and OpenVINO's bf16 inference precision")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,12 +218,15 @@ def main():
         return child(args)
 
     print(common.use_our_process_settings(), flush=True)
+    print("CPU bf16 arithmetic:", ", ".join(flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_flags())
+          or "none (bf16 is emulated: slow)", flush=True)
     common.sd1_checkpoint(args.workdir)
     rows = []
     for size in args.sizes:
         # OpenVINO's int8 starts first: its calibration is the largest peak, best met with nothing else resident.
         sides = (["openvino-int8", "ours-int8"] if args.int8 else []) + ["ours", "openvino"] + (
-            ["ours-plain-upsampling"] if args.plain_upsampling else [])
+            ["ours-plain-upsampling"] if args.plain_upsampling else []) + (
+            ["ours-bf16", "openvino-bf16"] if args.bf16 else [])
         children = {side: start_child(side, size, args) for side in sides}
         times = {side: [] for side in children}
         for _ in range(args.repeats):
@@ -239,6 +259,12 @@ def main():
                   f"relative difference from fp32 (random weights: not a quality measure) ours "
                   f"{relative(outputs['ours-int8'], outputs['ours']):.1e}, OpenVINO "
                   f"{relative(outputs['openvino-int8'], outputs['openvino']):.1e}", flush=True)
+        if args.bf16:
+            ours_bf16, theirs_bf16 = (statistics.median(times[side]) for side in ("ours-bf16", "openvino-bf16"))
+            print(f"  bf16: ours {ours_bf16:.2f} s ({ours_bf16 / o:.2f}x our fp32), OpenVINO {theirs_bf16:.2f} s "
+                  f"({theirs_bf16 / t:.2f}x its fp32); ours ÷ OpenVINO in bf16 {ours_bf16 / theirs_bf16:.2f}; "
+                  f"relative difference from fp32 ours {relative(outputs['ours-bf16'], outputs['ours']):.1e}, "
+                  f"OpenVINO {relative(outputs['openvino-bf16'], outputs['openvino']):.1e}", flush=True)
     print("\n| size | ours | OpenVINO | ours ÷ OpenVINO | outputs' relative difference |")
     print("|------|------|----------|-----------------|------------------------------|")
     print("\n".join(rows))

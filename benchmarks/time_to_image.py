@@ -3,7 +3,7 @@
     flock /tmp/bigmem.lock python benchmarks/time_to_image.py [--recipes a b c1 c4 d] [--size 512] [--repeats 1]
     flock /tmp/bigmem.lock python benchmarks/time_to_image.py --quick    # 256x256 and fewer steps: a smaller run
 
-Recipes (fp32, one picture, prompt -> pixels):
+Recipes (fp32, or both sides in bf16 with --precision bf16, one picture, prompt -> pixels):
   a   20 steps DPM++ 2M Karras, CFG 7.5, full VAE
   b   the same, decoded by TAESD (random TAESD weights; diffusers' AutoencoderTiny with the same file)
   c1  turbo-style: 1 step Euler a on trailing timesteps (our SGM Uniform), CFG 1 (no unconditional half), TAESD
@@ -97,13 +97,14 @@ def tiny_vae_folder(workdir: Path) -> Path:
 
 
 # --- one recipe, in a child process ------------------------------------------------------------------------
-def our_picture(recipe: Recipe, steps: int, size: int, checkpoint_path: Path, workdir: Path):
+def our_picture(recipe: Recipe, steps: int, size: int, checkpoint_path: Path, workdir: Path, precision: str):
     from ldm.pipeline import Pipeline
 
     quiet = lambda line: None  # noqa: E731
     vae = str(tiny_vae_folder(workdir)) if recipe.tiny_vae else None
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(checkpoint_path, config=common.SD1_CONFIG, device="cpu", precision="full",
+    pipe = Pipeline.from_pretrained(checkpoint_path, config=common.SD1_CONFIG, device="cpu",
+                                    precision="full" if precision == "fp32" else precision,
                                     vae=vae, log=quiet)
     loaded_at = time.perf_counter()
     image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=recipe.scale, height=size, width=size, seed=SEED,
@@ -131,11 +132,12 @@ def their_pipeline(recipe: Recipe, checkpoint_path: Path, workdir: Path):
     return pipeline
 
 
-def their_picture(recipe: Recipe, steps: int, size: int, checkpoint_path: Path, workdir: Path):
+def their_picture(recipe: Recipe, steps: int, size: int, checkpoint_path: Path, workdir: Path, precision: str):
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     start = time.perf_counter()
-    pipeline = their_pipeline(recipe, checkpoint_path, workdir)
+    pipeline = their_pipeline(recipe, checkpoint_path, workdir).to(dtype=dtype)
     loaded_at = time.perf_counter()
-    latents = torch.randn([1, 4, size // 8, size // 8], generator=torch.Generator().manual_seed(SEED))
+    latents = torch.randn([1, 4, size // 8, size // 8], generator=torch.Generator().manual_seed(SEED)).to(dtype)
     with torch.inference_mode():
         result = pipeline(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=recipe.scale,
                           latents=latents, output_type="np")
@@ -146,8 +148,9 @@ def their_picture(recipe: Recipe, steps: int, size: int, checkpoint_path: Path, 
 def run_recipe(name: str, side: str, args) -> dict:
     recipe, steps = RECIPES[name], recipe_steps(name, args)
     picture = our_picture if side == "ours" else their_picture
-    load_s, generate_s, image = picture(recipe, steps, args.size, common.sd1_checkpoint(args.workdir), args.workdir)
-    image_path = args.workdir / f"time-to-image-{name}-{side}-{args.size}.npy"
+    load_s, generate_s, image = picture(recipe, steps, args.size, common.sd1_checkpoint(args.workdir), args.workdir,
+                                        args.precision)
+    image_path = args.workdir / f"time-to-image-{name}-{side}-{args.size}-{args.precision}.npy"
     np.save(image_path, image)
     return {"load_s": load_s, "generate_s": generate_s, "peak_rss": common.peak_rss_bytes(), "image": str(image_path)}
 
@@ -217,7 +220,8 @@ CHILDREN = {"unet-share": unet_share, "vae-decode": vae_decode, "openvino": open
 
 def in_a_fresh_process(task: list[str], args) -> dict:
     command = [sys.executable, __file__, "--child", *task, "--workdir", str(args.workdir), "--size", str(args.size),
-               "--vae-size", str(args.vae_size), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+               "--vae-size", str(args.vae_size), "--repeats", str(args.repeats),
+               "--precision", args.precision] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(task)} failed:\n{done.stderr[-3000:]}")
@@ -256,6 +260,9 @@ def main():
     parser.add_argument("--vae-size", type=int, default=512, help="picture side of the VAE decode comparison; 0 skips it")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each recipe and side, alternating (median)")
     parser.add_argument("--quick", action="store_true", help="256x256 and fewer steps (a, b: 4; d: 8)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the recipes' dtype, both sides (bf16 pays only on a CPU with AVX512_BF16 or AMX); the "
+                             "peak, UNet share, OpenVINO and VAE lines stay fp32")
     parser.add_argument("--skip-peak", action="store_true", help="no matmul peak and UNet share")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,7 +287,8 @@ def main():
     openvino = in_a_fresh_process(["openvino"], args) if with_openvino and not args.skip_peak else None
     decode = in_a_fresh_process(["vae-decode"], args) if args.vae_size else None
 
-    print(f"\nWhole recipes at {args.size}x{args.size}, fp32, one picture, each run in a fresh process, median of "
+    print(f"\nWhole recipes at {args.size}x{args.size}, {args.precision}, one picture, each run in a fresh process, "
+          f"median of "
           f"{args.repeats}, ours and diffusers alternating (PSNR: how alike the two pictures are, informative only):")
     print(recipe_table(results, args))
     if share:
