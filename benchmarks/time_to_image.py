@@ -288,8 +288,7 @@ def main():
     decode = in_a_fresh_process(["vae-decode"], args) if args.vae_size else None
 
     print(f"\nWhole recipes at {args.size}x{args.size}, {args.precision}, one picture, each run in a fresh process, "
-          f"median of "
-          f"{args.repeats}, ours and diffusers alternating (PSNR: how alike the two pictures are, informative only):")
+          f"median of {args.repeats}, ours and diffusers alternating (PSNR: how alike the two pictures are, informative only):")
     print(recipe_table(results, args))
     if share:
         achieved = share["flops"] / share["step_s"]
