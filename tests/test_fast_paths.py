@@ -265,16 +265,29 @@ def test_threads_default_to_physical_cores_unless_omp_num_threads_is_set(monkeyp
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_bf16_on_a_cpu_without_bf16_arithmetic_says_so_in_one_line(tiny_checkpoint, monkeypatch, has_bf16):
-    monkeypatch.setattr(loading, "cpu_has_bf16_arithmetic", lambda: has_bf16)
+@pytest.mark.parametrize("support, slower", [("native", None), ("emulated", "2-3x"), ("none", "10-100x")])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_says_so_in_one_line(tiny_checkpoint, monkeypatch, support, slower):
+    monkeypatch.setattr(loading, "cpu_bf16_support", lambda: support)
     lines = []
     loaded = loading.load(str(tiny_checkpoint), str(TINY_CONFIG), "cpu", "bf16", log=lines.append)
     warnings = [line for line in lines if "bf16" in line and "--precision full" in line]
-    assert loaded.dtype == torch.bfloat16 and len(warnings) == (0 if has_bf16 else 1)
+    assert loaded.dtype == torch.bfloat16 and len(warnings) == (0 if slower is None else 1)
+    assert slower is None or f"{slower} slower" in warnings[0]
     fp32_lines = []
     loading.load(str(tiny_checkpoint), str(TINY_CONFIG), "cpu", "full", log=fp32_lines.append)
     assert not any("--precision full" in line for line in fp32_lines)
+
+
+@pytest.mark.parametrize("oneDNN_bf16, avx512_bf16, amx, machine, expected", [
+    (False, False, False, "x86_64", "none"), (True, False, False, "x86_64", "emulated"),
+    (True, True, False, "x86_64", "native"), (True, False, True, "x86_64", "native"),
+    (True, False, False, "aarch64", "native")])
+def test_bf16_support_tells_native_from_emulated(monkeypatch, oneDNN_bf16, avx512_bf16, amx, machine, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(loading.platform, "machine", lambda: machine)
+    assert loading.cpu_bf16_support() == expected
 
 
 PAGE_FAULTS_PER_STEP = """

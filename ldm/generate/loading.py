@@ -63,13 +63,31 @@ def use_physical_cores() -> int:
     return torch.get_num_threads()
 
 
-def cpu_has_bf16_arithmetic() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them, bf16 convolutions run
-    about 10x and bf16 matmuls about 100x slower than fp32 (measured on an AVX2 EPYC)."""
+def cpu_bf16_support() -> str:
+    """"native" (x86 with AVX512_BF16 or AMX, or another CPU oneDNN has bf16 kernels for), "emulated" (x86
+    AVX-512 without them: oneDNN converts to fp32, so bf16 convolutions took 2.8-3x and matmuls 1.9-2.3x the
+    fp32 time, measured with oneDNN capped at AVX512_CORE on a Zen 4) or "none" (no oneDNN bf16 kernels: 10x
+    slower convolutions, 100x slower matmuls, measured on an AVX2 EPYC)."""
     try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return "none"
     except (AttributeError, RuntimeError):  # a torch without the probe: assume the best, say nothing
-        return True
+        return "native"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "native"
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return "native"
+    return "native" if native else "emulated"
+
+
+BF16_WARNINGS = {
+    "emulated": "warning: this CPU has AVX-512 but no bf16 arithmetic (AVX512_BF16 or AMX), so --precision bf16 "
+                "runs 2-3x slower than fp32 here: use --precision full",
+    "none": "warning: this CPU has no bf16 arithmetic (AVX-512 or AMX), so --precision bf16 runs 10-100x slower "
+            "than fp32 here: use --precision full",
+}
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
@@ -210,9 +228,8 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     if device.type == "cpu":
         use_physical_cores()
         keep_freed_memory_for_reuse()
-        if dtype == torch.bfloat16 and not cpu_has_bf16_arithmetic():
-            log("warning: this CPU has no bf16 arithmetic (AVX-512 or AMX), so --precision bf16 runs 10-100x "
-                "slower than fp32 here: use --precision full")
+        if dtype == torch.bfloat16 and cpu_bf16_support() in BF16_WARNINGS:
+            log(BF16_WARNINGS[cpu_bf16_support()])
     if precision == "int8":
         int8.check_settings(device, low_memory)  # before the seconds of loading
     ckpt_path = resolve_checkpoint(ckpt, log)
