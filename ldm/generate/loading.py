@@ -65,9 +65,8 @@ def use_physical_cores() -> int:
 
 def cpu_bf16_support() -> str:
     """"native" (x86 with AVX512_BF16 or AMX, or another CPU oneDNN has bf16 kernels for), "emulated" (x86
-    AVX-512 without them: oneDNN converts to fp32, so bf16 convolutions took 2.8-3x and matmuls 1.9-2.3x the
-    fp32 time, measured with oneDNN capped at AVX512_CORE on a Zen 4) or "none" (no oneDNN bf16 kernels: 10x
-    slower convolutions, 100x slower matmuls, measured on an AVX2 EPYC)."""
+    AVX-512 without them: oneDNN converts to fp32 and back, slower than fp32) or "none" (no oneDNN bf16
+    kernels at all: far slower). docs/speed-and-memory.md has the measurements."""
     try:
         if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return "none"
@@ -228,8 +227,9 @@ def load(ckpt: str | None, config: str | None, device_name: str, precision: str,
     if device.type == "cpu":
         use_physical_cores()
         keep_freed_memory_for_reuse()
-        if dtype == torch.bfloat16 and cpu_bf16_support() in BF16_WARNINGS:
-            log(BF16_WARNINGS[cpu_bf16_support()])
+        bf16_support = cpu_bf16_support() if dtype == torch.bfloat16 else "native"
+        if bf16_support in BF16_WARNINGS:
+            log(BF16_WARNINGS[bf16_support])
     if precision == "int8":
         int8.check_settings(device, low_memory)  # before the seconds of loading
     ckpt_path = resolve_checkpoint(ckpt, log)
