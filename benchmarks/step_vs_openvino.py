@@ -186,14 +186,6 @@ def ask(process: subprocess.Popen, command: str | None) -> dict:
             return json.loads(line)
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 def relative(ours, theirs) -> float:
     return float(np.linalg.norm(ours.astype(np.float64) - theirs) / np.linalg.norm(theirs.astype(np.float64)))
 
@@ -218,8 +210,9 @@ def main():
         return child(args)
 
     print(common.use_our_process_settings(), flush=True)
-    print("CPU bf16 arithmetic:", ", ".join(flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_flags())
-          or "none (bf16 is emulated: slow)", flush=True)
+    from ldm.generate.loading import cpu_bf16_support
+
+    print(f"CPU bf16 arithmetic: {cpu_bf16_support()} (native, emulated or none)", flush=True)
     common.sd1_checkpoint(args.workdir)
     rows = []
     for size in args.sizes:
