@@ -13,6 +13,9 @@
    the PSNR of each variant's picture against fp32's (mean over the prompts) and the rule-based checker's
    score (ldm.data.adherence; "all right" = all five attributes read back), with the whole set's wall time
    as a ratio to fp32's. --bf16 adds --precision bf16 to that table, the other reduced precision.
+Both reduced precisions run attention over many keys in bf16 on a CPU with bf16 arithmetic
+(ldm.modules.attention); --attention-min-keys 1 makes the embedded model's small attention layers do so too,
+to measure what that costs a picture.
 """
 import argparse
 import math
@@ -35,8 +38,9 @@ from ldm.data.adherence import check_image, parse_caption, score, summarise  # n
 from ldm.generate.int8 import quantize_loaded  # noqa: E402
 from ldm.generate.loading import EMBEDDED_MODEL  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
+from ldm.modules import attention  # noqa: E402
 from ldm.quantization import InputRanges, activation_levels, int8_replacements, quantizable_layers, \
-    replace_layers  # noqa: E402
+    replace_layers, set_attention_in_bf16  # noqa: E402
 from step_caching import psnr  # noqa: E402
 
 EMBEDDED_SCALE = 5.0  # evaluate_adherence's
@@ -66,11 +70,13 @@ def speed(args):
             def call(layers):
                 def run():
                     replace_layers(unet, layers or originals)
+                    set_attention_in_bf16(unet, layers is not None)  # as quantize_unet does
                     unet(x, timesteps, context=context)
                 return run
 
             times = common.alternate({name: call(layers) for name, layers in variants.items()}, args.repeats)
             replace_layers(unet, originals)
+            set_attention_in_bf16(unet, False)
         del variants
         yield size, {name: (seconds, seconds / times["fp32"]) for name, seconds in times.items()}
 
@@ -79,6 +85,8 @@ def speed(args):
 def quality(args) -> dict:
     from evaluate_adherence import draw_prompts
 
+    if args.attention_min_keys is not None:
+        attention.BF16_BY_ROWS_MIN_KEYS = args.attention_min_keys
     quiet = dict(device="cpu", log=lambda line: None)
     static = Pipeline.from_pretrained(EMBEDDED_MODEL, **quiet)
     quantize_loaded(static.loaded, quiet["log"], calibrated=True)
@@ -114,6 +122,10 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--bf16", action="store_true",
                         help="also --precision bf16 in the quality table (for a CPU with AVX512_BF16 or AMX)")
+    parser.add_argument("--attention-min-keys", type=int,
+                        help="in the quality table, run attention in bf16 by rows from this many keys (1: every "
+                             "attention of the embedded model, whose native size never reaches the shipped "
+                             f"{attention.BF16_BY_ROWS_MIN_KEYS}; needs a CPU with bf16 arithmetic)")
     parser.add_argument("--skip-quality", action="store_true", help="the full-size speed table only")
     args = parser.parse_args()
     print(common.use_our_process_settings())

@@ -210,7 +210,7 @@ def main():
         return child(args)
 
     print(common.use_our_process_settings(), flush=True)
-    from ldm.generate.loading import cpu_bf16_support
+    from ldm.cpu import cpu_bf16_support
 
     print(f"CPU bf16 arithmetic: {cpu_bf16_support()} (native, emulated or none)", flush=True)
     common.sd1_checkpoint(args.workdir)

@@ -4,6 +4,7 @@ Every Conv2d and Linear of a UNet, except those touching the latent (the first a
 the timestep and class embedding MLPs (a few rows each, nothing to gain), is replaced by a layer that holds
 its weight as int8 (symmetric, one scale per output channel, prepacked once for oneDNN), quantizes its input
 to unsigned 8-bit (asymmetric, one scale per tensor) and accumulates in int32, writing fp32 as before.
+Attention has no weights to quantize: on a CPU with bf16 arithmetic it runs in bf16 over many tokens.
 
 The input's range is either calibrated (static: a few sampling runs record each layer's input range once,
 kept in `InputRanges`) or measured on every call (dynamic). Without VNNI (AVX2 only) the CPU multiplies
@@ -17,18 +18,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ldm.cpu import cpu_has_vnni
+from ldm.modules.attention import CrossAttention
+
 # torch.quantize_per_tensor is the one fused float -> uint8 pass torch has; it warns of its quantized tensor
 # type, which is only an intermediate here (the kernels take its int_repr), and is not used where it is gone.
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", category=UserWarning)
 EMBEDDING_MLPS = ("time_embed", "label_emb", "emb_layers")  # inputs of one row per image: fp32 is as fast
 NO_POST_OP = "none"  # oneDNN's name for "no fused post-op"
-
-
-def cpu_has_vnni() -> bool:
-    try:
-        return bool(torch.cpu._is_vnni_supported())
-    except (AttributeError, RuntimeError):  # a torch without the probe: 7 bits are safe everywhere
-        return False
 
 
 def int8_kernels_available() -> bool:
@@ -189,8 +186,18 @@ def replace_layers(unet: nn.Module, layers: dict[str, nn.Module]) -> dict[str, n
 
 
 def quantize_unet(unet: nn.Module, ranges: InputRanges | None = None, levels: int | None = None) -> int:
-    """Replace the UNet's quantizable layers in place by int8 ones (as `int8_replacements`); returns how many."""
+    """Replace the UNet's quantizable layers in place by int8 ones (as `int8_replacements`) and let its
+    attention run in bf16 where that pays; returns how many layers."""
+    set_attention_in_bf16(unet, True)
     return len(replace_layers(unet, int8_replacements(unet, ranges, levels)))
+
+
+def set_attention_in_bf16(unet: nn.Module, on: bool):
+    """Whether the UNet's fp32 attention runs in bf16 where that pays (`ldm.modules.attention.attention`):
+    int8 UNets do, as their attention is otherwise the fp32 half of their time."""
+    for module in unet.modules():
+        if isinstance(module, CrossAttention):
+            module.attention_in_bf16 = on
 
 
 def int8_layers(module: nn.Module) -> list[Int8Layer]:

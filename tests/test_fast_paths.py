@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import relative_error, seeded
+from ldm import cpu
 from ldm.checkpoint import load_model, read_checkpoint
 from ldm.placement import channels_last_kernel, mapped_ranges, place_weights, release_file_pages
 from ldm.generate import loading
 from ldm.models.diffusion.sampling import GuidedDenoiser, sample
+from ldm.modules import attention as attention_module
 from ldm.modules.diffusionmodules import util as diffusion_util
 from ldm.modules.diffusionmodules.util import PHASES_MIN_PIXELS, GroupNorm32, Linear, nearest_upsample_conv
 from tiny_model import TINY_CONFIG, tiny_model, write_tiny_checkpoint
@@ -140,6 +142,45 @@ def test_linear_runs_cpu_inference_as_a_1x1_convolution_with_the_same_numbers(mo
     assert torch.equal(few_rows, F.linear(tokens[:, :1], layer.weight, layer.bias))
     assert torch.equal(layer(tokens), expected)  # training (gradients on) keeps the matmul
     assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def attention_inputs(batch=2, heads=3, tokens=100, keys=100, depth=8, dtype=torch.float32):
+    generator = seeded(12)
+    q = torch.randn(batch, tokens, heads, depth, generator=generator).transpose(1, 2)  # views, as the layer makes
+    k, v = (torch.randn(batch, keys, heads, depth, generator=generator).transpose(1, 2) for _ in range(2))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype, in_bf16", [(torch.bfloat16, False), (torch.float32, True)])
+def test_bf16_attention_by_rows_is_attention_within_bf16_rounding(monkeypatch, dtype, in_bf16):
+    monkeypatch.setattr(attention_module, "cpu_has_bf16_arithmetic", lambda: True)
+    monkeypatch.setattr(attention_module, "BF16_BY_ROWS_MIN_KEYS", 64)
+    monkeypatch.setattr(attention_module, "BF16_BY_ROWS_SCORES", 64 * 100)  # blocks of 64 rows: 100 = 64 + 36
+    mm_calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *args: mm_calls.append(args[0].dtype) or real_mm(*args))
+    q, k, v = attention_inputs(dtype=dtype)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.inference_mode():
+        out = attention_module.attention(q, k, v, in_bf16)
+        few_keys = attention_module.attention(q, k[:, :, :63], v[:, :, :63], in_bf16)
+    assert mm_calls == [torch.bfloat16] * (2 * 2 * 3 * 2)  # two matmuls a block, two blocks a head
+    assert out.dtype == dtype and out.shape == exact.shape
+    assert relative_error(out, exact) < 2e-2  # bf16 inputs and scores: a few parts in a thousand
+    assert relative_error(out, F.scaled_dot_product_attention(q, k, v)) < 2e-2
+    assert torch.equal(few_keys, F.scaled_dot_product_attention(q, k[:, :, :63], v[:, :, :63]))
+    assert torch.equal(attention_module.attention(q, k, v, in_bf16), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_fp32_attention_and_cpus_without_bf16_arithmetic_keep_the_fused_kernel(monkeypatch):
+    monkeypatch.setattr(attention_module, "BF16_BY_ROWS_MIN_KEYS", 64)
+    q, k, v = attention_inputs()
+    with torch.inference_mode():
+        assert torch.equal(attention_module.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        monkeypatch.setattr(attention_module, "cpu_has_bf16_arithmetic", lambda: False)
+        q16, k16, v16 = attention_inputs(dtype=torch.bfloat16)
+        assert torch.equal(attention_module.attention(q, k, v, in_bf16=True), F.scaled_dot_product_attention(q, k, v))
+        assert torch.equal(attention_module.attention(q16, k16, v16), F.scaled_dot_product_attention(q16, k16, v16))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -286,8 +327,8 @@ def test_bf16_support_tells_native_from_emulated(monkeypatch, oneDNN_bf16, avx51
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN_bf16)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    monkeypatch.setattr(loading.platform, "machine", lambda: machine)
-    assert loading.cpu_bf16_support() == expected
+    monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+    assert cpu.cpu_bf16_support() == expected
 
 
 PAGE_FAULTS_PER_STEP = """

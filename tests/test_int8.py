@@ -11,6 +11,7 @@ from PIL import Image
 from helpers import loaded_tiny, relative_error, seeded, txt2img
 from ldm.generate import int8
 from ldm.generate.errors import UserError
+from ldm.modules import attention as attention_module
 from ldm.quantization import (Int8Conv2d, Int8Layer, Int8Linear, InputRanges, int8_kernels_available,
                               int8_layers, quantizable_layers, quantize_unet)
 from tiny_model import write_tiny_checkpoint
@@ -65,7 +66,11 @@ def test_int8_linear_equals_its_quantized_arithmetic_with_a_static_range():
 
 # 32: the upsampling convolution's input is 16x16, where fp32 would take the four-phase path
 @pytest.mark.parametrize("size", [8, 32])
-def test_quantized_unet_is_close_to_fp32_and_keeps_the_latent_and_embedding_layers(tiny, size):
+@pytest.mark.parametrize("bf16_arithmetic", [False, True])  # with it, every attention runs in bf16 (any keys)
+def test_quantized_unet_is_close_to_fp32_and_keeps_the_latent_and_embedding_layers(tiny, size, bf16_arithmetic,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(attention_module, "cpu_has_bf16_arithmetic", lambda: bf16_arithmetic)
+    monkeypatch.setattr(attention_module, "BF16_BY_ROWS_MIN_KEYS", 1)
     unet = copy.deepcopy(tiny.model.diffusion_model)
     x, t, context = unet_inputs(size=size)
     layers = quantizable_layers(unet)
@@ -78,6 +83,8 @@ def test_quantized_unet_is_close_to_fp32_and_keeps_the_latent_and_embedding_laye
         assert quantize_unet(unet, ranges) == len(layers) > 50
         out = unet(x, t, context=context)
     assert len(int8_layers(unet)) == len(layers)
+    attentions = [module for module in unet.modules() if isinstance(module, attention_module.CrossAttention)]
+    assert attentions and all(module.attention_in_bf16 for module in attentions)
     assert isinstance(unet.input_blocks[0][0], torch.nn.Conv2d) and isinstance(unet.out[-1], torch.nn.Conv2d)
     assert 1e-4 < relative_error(out, reference) < 0.1
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import REPO_ROOT, CheckpointError, load_model
+from ldm.cpu import cpu_bf16_support
 from ldm.diffusers_folder import find_in_hub_cache, hashed_file, looks_like_hub_id, model_name
 from ldm.placement import CheckpointChanged, CheckpointFile, OneComponentAtATime, libc, resolve_dtype
 from ldm.generate import int8
@@ -61,24 +62,6 @@ def use_physical_cores() -> int:
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(physical_cores())
     return torch.get_num_threads()
-
-
-def cpu_bf16_support() -> str:
-    """"native" (x86 with AVX512_BF16 or AMX, or another CPU oneDNN has bf16 kernels for), "emulated" (x86
-    AVX-512 without them: oneDNN converts to fp32 and back, slower than fp32) or "none" (no oneDNN bf16
-    kernels at all: far slower). docs/speed-and-memory.md has the measurements."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return "none"
-    except (AttributeError, RuntimeError):  # a torch without the probe: assume the best, say nothing
-        return "native"
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return "native"
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except (AttributeError, RuntimeError):
-        return "native"
-    return "native" if native else "emulated"
 
 
 BF16_WARNINGS = {

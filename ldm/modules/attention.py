@@ -6,10 +6,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.cpu import cpu_has_bf16_arithmetic
 from ldm.modules.diffusionmodules.util import Linear, add_to_fresh
+
+BF16_BY_ROWS_MIN_KEYS = 1024
+BF16_BY_ROWS_SCORES = 1 << 22  # scores one block of query rows holds: 8 MB in bf16
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_bf16: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v over [batch, heads, tokens, d] queries, keys and values (views allowed).
+
+    scaled_dot_product_attention everywhere but in bf16 over many keys (self-attention at the UNet's upper
+    levels) on a CPU with bf16 arithmetic, where PyTorch's flash kernel is no faster in bf16 than in fp32 but
+    oneDNN's bf16 matmuls run at twice the fp32 rate: there each head's scores are made a block of query rows
+    at a time by two bf16 matmuls around a softmax that accumulates in fp32 (benchmarks/attention.py). The
+    scores are rounded to bf16 before the softmax, which the flash kernel keeps in fp32: a little more error,
+    of the same order as bf16 activations already carry. `in_bf16` runs fp32 activations so (int8 UNets, whose
+    attention is otherwise the fp32 half of their time) where it pays, and is ignored where it does not.
+    """
+    bf16 = q.dtype == torch.bfloat16 or (in_bf16 and q.dtype == torch.float32)
+    if (bf16 and q.device.type == "cpu" and k.shape[2] >= BF16_BY_ROWS_MIN_KEYS and not torch.is_grad_enabled()
+            and cpu_has_bf16_arithmetic()):
+        return _bf16_attention_by_rows(q, k, v).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _bf16_attention_by_rows(q, k, v) -> torch.Tensor:
+    batch, heads, tokens, depth = q.shape
+    rows = max(64, BF16_BY_ROWS_SCORES // k.shape[2])
+    # [batch, tokens, heads, d] memory, as the layer's output projection reads it: no copy on the way out.
+    out = torch.empty(batch, tokens, heads, depth, dtype=torch.bfloat16)
+    for image in range(batch):
+        for head in range(heads):
+            query = (q[image, head] * depth ** -0.5).to(torch.bfloat16)  # scaled before rounding
+            keys_t, values = k[image, head].to(torch.bfloat16).t(), v[image, head].to(torch.bfloat16)
+            for start in range(0, tokens, rows):
+                scores = torch.mm(query[start:start + rows], keys_t)
+                out[image, start:start + rows, head] = torch.mm(scores.softmax(-1), values)
+    return out.transpose(1, 2)
 
 
 class CrossAttention(nn.Module):
+    attention_in_bf16 = False  # int8 UNets set it (see `attention`)
+
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
         inner_dim = heads * dim_head
@@ -25,7 +64,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         batch, heads = x.shape[0], self.heads
         q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.attention_in_bf16)
         out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)
         return self.to_out(out)
 
