@@ -9,7 +9,8 @@ The estimate (`estimate_peak`) counts, at the run's dtype:
 - the UNet's activations for batch x 2 (guidance: the conditional and unconditional halves in one call) at
   H/f x W/f: 16 x model_channels values per latent pixel (the top-level transformer's feed-forward: its
   input, norm and 8x-wide GEGLU projection), plus oneDNN/cuDNN scratch of a tenth of the UNet's weights.
-  Attention scores are not counted: scaled_dot_product_attention's fused kernels never hold them whole;
+  Attention scores are not counted: the fused kernels never hold them whole, bf16 attention by rows (ldm.modules.
+  attention) one 8 MB block at a time;
 - the VAE decoder's activations at H x W for the batch (or one TILE_PIXELS tile of it when the decode is
   tiled, see ldm.models.tiling): 2 x the upsampled channels + 4 x the top level's channels per output pixel
   (the first full-size residual block's input, norm, convolutions and shortcut), plus scratch of a tenth of
