@@ -5,7 +5,7 @@
 `ldm.modules.attention.attention` runs bf16 attention over many keys as two oneDNN bf16 matmuls around a
 softmax, head by head, a block of query rows at a time, on a CPU with bf16 arithmetic (AVX512_BF16 or AMX);
 everything else stays in `scaled_dot_product_attention`. For the attention layers of SD 1.x and 2.x UNets
-(batch 2 = one guided step, batch 1 = CFG 1), this prints each way's time per layer (alternating, median of
+(batch 2 = one guided step, batch 1 = CFG 1) and the VAE decoder's one-head attention, this prints each way's time per layer (alternating, median of
 --repeats), the ratios, which way `attention` takes, and each bf16 way's relative difference from fp32's
 fused kernel (inputs made in fp32 and rounded to bf16, as an int8 UNet's attention gets them). On a CPU
 without bf16 arithmetic the by-rows column measures oneDNN's emulated bf16, which `attention` never takes.
@@ -33,6 +33,8 @@ SHAPES = [
     ("SD 1.x 768², top level, CFG 1", 1, 9216, 9216, 8, 40),
     ("SD 2.x 768², top level, CFG 1", 1, 9216, 9216, 5, 64),
     ("SD 1.x 1024², top level, CFG 1", 1, 16384, 16384, 8, 40),
+    ("VAE decoder 512², middle", 1, 4096, 4096, 1, 512),
+    ("VAE decoder 1024², middle", 1, 16384, 16384, 1, 512),
 ]
 
 

@@ -224,7 +224,14 @@ def test_place_weights_keeps_tied_weights_tied():
 
 
 # --- bf16 -----------------------------------------------------------------------------------------------------
-def test_bf16_unet_and_decoder_stay_close_to_fp32(tiny_checkpoint):
+@pytest.mark.parametrize("by_rows", [False, True])  # with it, every attention of the UNet and the decoder by rows
+def test_bf16_unet_and_decoder_stay_close_to_fp32(tiny_checkpoint, monkeypatch, by_rows):
+    monkeypatch.setattr(attention_module, "cpu_has_bf16_arithmetic", lambda: by_rows)
+    monkeypatch.setattr(attention_module, "BF16_BY_ROWS_MIN_KEYS", 1)
+    by_rows_calls = []
+    real_by_rows = attention_module._bf16_attention_by_rows
+    monkeypatch.setattr(attention_module, "_bf16_attention_by_rows",
+                        lambda *qkv: by_rows_calls.append(qkv[0].shape[-1]) or real_by_rows(*qkv))
     fp32 = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32, log=lambda message: None).model
     bf16 = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, log=lambda message: None).model
     x, t, context = unet_inputs()
@@ -235,6 +242,8 @@ def test_bf16_unet_and_decoder_stay_close_to_fp32(tiny_checkpoint):
         decode_error = relative_error(bf16.decode_first_stage(latent.bfloat16()).float(), fp32.decode_first_stage(latent))
     assert unet_error < BF16_MODEL_OUTPUT, f"bf16 UNet output off by {unet_error:.1e}"
     assert decode_error < BF16_MODEL_OUTPUT, f"bf16 decode off by {decode_error:.1e}"
+    decoder_channels = fp32.first_stage_model.decoder.mid.attn_1.q.in_channels
+    assert (decoder_channels in by_rows_calls and len(set(by_rows_calls)) > 1) == by_rows  # decoder and UNet
 
 
 def test_bf16_sampling_stays_close_to_fp32_and_the_sampler_sees_fp32(tiny_checkpoint):

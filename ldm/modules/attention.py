@@ -21,8 +21,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_bf16: bool =
     oneDNN's bf16 matmuls run at twice the fp32 rate: there each head's scores are made a block of query rows
     at a time by two bf16 matmuls around a softmax that accumulates in fp32 (benchmarks/attention.py). The
     scores are rounded to bf16 before the softmax, which the flash kernel keeps in fp32: a little more error,
-    of the same order as bf16 activations already carry. `in_bf16` runs fp32 activations so (int8 UNets, whose
-    attention is otherwise the fp32 half of their time) where it pays, and is ignored where it does not.
+    of the same order as bf16 activations already carry. `in_bf16` runs fp32 activations so where it pays (int8
+    UNets, whose attention has no int8 kernel and would otherwise stay fp32), and is ignored where it does not.
     """
     bf16 = q.dtype == torch.bfloat16 or (in_bf16 and q.dtype == torch.float32)
     if (bf16 and q.device.type == "cpu" and k.shape[2] >= BF16_BY_ROWS_MIN_KEYS and not torch.is_grad_enabled()

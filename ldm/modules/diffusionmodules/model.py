@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import add_to_fresh, nearest_upsample_conv, silu_of_fresh
-
-from ldm.modules.diffusionmodules.util import norm_groups
+from ldm.modules.attention import attention
+from ldm.modules.diffusionmodules.util import add_to_fresh, nearest_upsample_conv, norm_groups, silu_of_fresh
 
 
 def Normalize(in_channels):
@@ -50,7 +49,7 @@ class AttnBlock(nn.Module):
         batch, channels, height, width = x.shape
         h = self.norm(x)
         q, k, v = (conv(h).reshape(batch, 1, channels, height * width).transpose(2, 3) for conv in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(q, k, v)
         h = h.transpose(2, 3).reshape(batch, channels, height, width)
         return add_to_fresh(self.proj_out(h), x)
 
