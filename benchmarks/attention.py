@@ -5,10 +5,11 @@
 `ldm.modules.attention.attention` runs bf16 attention over many keys as two oneDNN bf16 matmuls around a
 softmax, head by head, a block of query rows at a time, on a CPU with bf16 arithmetic (AVX512_BF16 or AMX);
 everything else stays in `scaled_dot_product_attention`. For the attention layers of SD 1.x and 2.x UNets
-(batch 2 = one guided step, batch 1 = CFG 1) and the VAE decoder's one-head attention, this prints each way's time per layer (alternating, median of
---repeats), the ratios, which way `attention` takes, and each bf16 way's relative difference from fp32's
-fused kernel (inputs made in fp32 and rounded to bf16, as an int8 UNet's attention gets them). On a CPU
-without bf16 arithmetic the by-rows column measures oneDNN's emulated bf16, which `attention` never takes.
+(batch 2 = one guided step, batch 1 = CFG 1) and the VAE decoder's one-head attention, this prints each way's
+time per layer (alternating, median of --repeats), the ratios, which way `attention` takes, and each bf16 way's
+relative difference from fp32's fused kernel (inputs made in fp32 and rounded to bf16, as an int8 UNet's
+attention gets them). On a CPU without bf16 arithmetic the by-rows column measures oneDNN's emulated bf16, which
+`attention` never takes.
 """
 import argparse
 import sys
@@ -22,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ldm.cpu import cpu_bf16_support  # noqa: E402
 from ldm.modules import attention  # noqa: E402
+from sampling_speed import relative_error  # noqa: E402
 
 # (what, batch, query tokens, key tokens, heads, head size)
 SHAPES = [
@@ -36,10 +38,6 @@ SHAPES = [
     ("VAE decoder 512², middle", 1, 4096, 4096, 1, 512),
     ("VAE decoder 1024², middle", 1, 16384, 16384, 1, 512),
 ]
-
-
-def relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def main():
@@ -62,13 +60,12 @@ def main():
                     "by rows": lambda: attention._bf16_attention_by_rows(q16, k16, v16)}
             times = common.alternate(ways, args.repeats if keys < 9216 else max(1, args.repeats // 2))
             reference = ways["fused fp32"]()
-            errors = [relative(ways[name]().float(), reference) for name in ("fused bf16", "by rows")]
-            takes = attention._bf16_attention_by_rows if (
-                keys >= attention.BF16_BY_ROWS_MIN_KEYS and attention.cpu_has_bf16_arithmetic()) else None
+            errors = [relative_error(ways[name]().float(), reference) for name in ("fused bf16", "by rows")]
+            by_rows = attention.takes_bf16_by_rows(q16, k16)
         print(f"| {what} | {batch} × {heads} × {queries} × {keys} × {depth} | "
               f"{times['fused fp32'] * 1e3:.1f} ms | {times['fused bf16'] * 1e3:.1f} ms | "
               f"{times['by rows'] * 1e3:.1f} ms | {times['by rows'] / times['fused fp32']:.2f} | "
-              f"{times['by rows'] / times['fused bf16']:.2f} | {'by rows' if takes else 'fused'} | "
+              f"{times['by rows'] / times['fused bf16']:.2f} | {'by rows' if by_rows else 'fused'} | "
               f"{errors[0]:.1e} / {errors[1]:.1e} |", flush=True)
 
 

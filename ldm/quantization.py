@@ -194,7 +194,7 @@ def quantize_unet(unet: nn.Module, ranges: InputRanges | None = None, levels: in
 
 def set_attention_in_bf16(unet: nn.Module, on: bool):
     """Whether the UNet's fp32 attention runs in bf16 where that pays (`ldm.modules.attention.attention`):
-    int8 UNets do, as their attention is otherwise the fp32 half of their time."""
+    int8 UNets do, as attention has no int8 kernel and would otherwise stay fp32."""
     for module in unet.modules():
         if isinstance(module, CrossAttention):
             module.attention_in_bf16 = on

@@ -24,11 +24,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_bf16: bool =
     of the same order as bf16 activations already carry. `in_bf16` runs fp32 activations so where it pays (int8
     UNets, whose attention has no int8 kernel and would otherwise stay fp32), and is ignored where it does not.
     """
-    bf16 = q.dtype == torch.bfloat16 or (in_bf16 and q.dtype == torch.float32)
-    if (bf16 and q.device.type == "cpu" and k.shape[2] >= BF16_BY_ROWS_MIN_KEYS and not torch.is_grad_enabled()
-            and cpu_has_bf16_arithmetic()):
+    if takes_bf16_by_rows(q, k, in_bf16):
         return _bf16_attention_by_rows(q, k, v).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def takes_bf16_by_rows(q: torch.Tensor, k: torch.Tensor, in_bf16: bool = False) -> bool:
+    """Whether `attention` runs these queries and keys in bf16 by rows (see there)."""
+    bf16 = q.dtype == torch.bfloat16 or (in_bf16 and q.dtype == torch.float32)
+    return (bf16 and q.device.type == "cpu" and k.shape[2] >= BF16_BY_ROWS_MIN_KEYS and not torch.is_grad_enabled()
+            and cpu_has_bf16_arithmetic())
 
 
 def _bf16_attention_by_rows(q, k, v) -> torch.Tensor:
