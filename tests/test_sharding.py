@@ -225,6 +225,29 @@ def test_two_processes_write_what_one_writes(ckpt, prompt_file, reference, tmp_p
     assert {record["rank"] for record in Manifest(outdir).read().pictures} == {0, 1}
 
 
+JOIN_AND_EXIT = r"""
+import atexit, sys
+from argparse import Namespace
+import torch.distributed as dist
+from ldm.generate import sharding
+# registered first, so run last: after every exit handler that start() registered
+atexit.register(lambda: sys.stdout.write(f"left the group: {not dist.is_initialized()}\n"))
+sharding.start(Namespace(device="cpu"), Namespace(resume=False, save_samples=True, outdir=sys.argv[1]))
+ranks = [None] * dist.get_world_size()
+dist.all_gather_object(ranks, dist.get_rank())
+assert ranks == list(range(dist.get_world_size())), ranks
+"""
+
+
+def test_each_process_leaves_the_group_before_the_interpreter_ends(tmp_path):
+    """Gloo's threads left to the interpreter's teardown can abort a process whose work is done (SIGABRT,
+    "terminate called without an active exception"), failing the run at random."""
+    script = tmp_path / "join_and_exit.py"
+    script.write_text(JOIN_AND_EXIT)
+    output = finished(launch(script, tmp_path / "out", nproc=2, launcher=["--standalone"]), timeout=120)
+    assert output.count("left the group: True") == 2, output[-3000:]
+
+
 @pytest.mark.slow
 def test_three_processes_in_seed_mode_batch_write_what_one_writes(ckpt, prompt_file, tmp_path):
     """6 batches, 2 of them of one picture, shared by 3: each process replays the draws of the others'."""

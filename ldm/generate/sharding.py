@@ -19,6 +19,7 @@ The manifest (ldm.generate.manifest) notes each picture as it is saved; --resume
 does not list as complete, so a run restarted after a crash (torchrun's --max_restarts, or by hand) ends as
 an uninterrupted one would. Without torchrun or --resume none of this runs.
 """
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -144,11 +145,19 @@ def start(args, folder) -> Shard:
             share_cpu_cores(shard)
             backend = "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        # left to the interpreter's teardown, gloo's threads can outlive the group and abort the process
+        # (SIGABRT, "terminate called without an active exception") after the run is done
+        atexit.register(leave_process_group)
         # torchrun stops the other processes with SIGTERM when one fails: exit through the cleanups, so that
         # a file being written is removed, not left behind as a temporary
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     _current = shard
     return shard
+
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share_cpu_cores(shard: Shard):
