@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import keep_kernels_plain
+
 PRECISIONS = ("full", "autocast", "bf16", "int8")
 
 
@@ -233,6 +235,7 @@ class OneComponentAtATime:
         self.model, self.device, self.dtype, self.checkpoint = model, device, dtype, checkpoint
         self.as_read = {name: self.tensors_of(getattr(model, name)) for name in self.names(model)}
         self.current = None
+        keep_kernels_plain(model)
 
     @classmethod
     def names(cls, model: nn.Module) -> list[str]:

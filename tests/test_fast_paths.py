@@ -70,9 +70,11 @@ def test_group_norm_of_fp32_input_with_bf16_weights_runs_in_fp32():
 
 # --- in-place ops at inference --------------------------------------------------------------------------------
 def test_inference_output_equals_the_autograd_output_and_training_still_backpropagates(monkeypatch):
-    # The four-phase upsampling convolutions reorder fp32 sums at inference (their own test holds them to
-    # FP32_REORDERING); off here, so that this comparison stays exact for the in-place ops it is about.
+    # The four-phase upsampling convolutions and the prepacked kernels reorder fp32 sums at inference (their
+    # own tests hold them to FP32_REORDERING); off here, so that this comparison stays exact for the in-place
+    # ops it is about.
     monkeypatch.setattr(diffusion_util, "PHASES_MIN_PIXELS", math.inf)
+    monkeypatch.setattr(diffusion_util, "PACKED_MAX_ROWS", 0)
     model = tiny_model()
     unet = model.model.diffusion_model
     x, t, context = unet_inputs()
@@ -131,6 +133,7 @@ def test_linear_runs_cpu_inference_as_a_1x1_convolution_with_the_same_numbers(mo
     convolutions = []
     real_conv2d = F.conv2d
     monkeypatch.setattr(F, "conv2d", lambda *args: convolutions.append(args[0].shape) or real_conv2d(*args))
+    monkeypatch.setattr(diffusion_util, "PACKED_MAX_ROWS", 0)  # the plain kernel (prepacked: tested below)
     layer = Linear(48, 40)
     tokens = torch.randn(2, 40, 64, generator=seeded(6))[..., :48]  # a non-contiguous [B, tokens, C] view
     expected = F.linear(tokens, layer.weight, layer.bias)
@@ -212,6 +215,50 @@ def test_upsample_then_convolve_runs_as_four_phase_convolutions_with_the_same_nu
     with torch.inference_mode():
         doubled = nearest_upsample_conv(x, conv)
     assert relative_error(doubled, conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))) < FP32_REORDERING
+
+
+# --- prepacked kernels ----------------------------------------------------------------------------------------
+def packed_modules(model) -> list:
+    return [module for module in model.modules() if "_packed_kernel" in module.__dict__]
+
+
+def test_prepacked_kernels_give_the_plain_numbers_and_follow_the_weights(monkeypatch):
+    unet = tiny_model().model.diffusion_model
+    x, t, context = unet_inputs()
+
+    def call(max_rows=diffusion_util.PACKED_MAX_ROWS):
+        monkeypatch.setattr(diffusion_util, "PACKED_MAX_ROWS", max_rows)
+        with torch.inference_mode():
+            return unet(x, t, context)
+
+    plain = call(0)
+    assert not packed_modules(unet)
+    packed = call()
+    assert {type(module) for module in packed_modules(unet)} == {diffusion_util.Conv2d, Linear}
+    assert relative_error(packed, plain) < FP32_REORDERING and torch.equal(call(), packed)
+    first = unet.input_blocks[0][0]
+    with torch.no_grad():
+        first.weight.mul_(2)  # through the parameter: its version counter moves
+    doubled = call()
+    assert relative_error(doubled, plain) > 1e-3 and relative_error(doubled, call(0)) < FP32_REORDERING
+    doubled = call()
+    first.weight.data.mul_(0.5)  # behind the counter, as LoRA merges: seen once the copies are forgotten
+    diffusion_util.forget_packed_kernels(unet)
+    assert torch.equal(call(), packed)
+    with torch.enable_grad():
+        unet(x, t, context)
+    assert not packed_modules(unet)  # training convolves the plain kernels and keeps no copy
+
+
+def test_the_four_phase_kernels_are_kept_prepacked_for_few_rows():
+    conv = diffusion_util.Conv2d(24, 40, 3, padding=1)
+    x = torch.randn(2, 24, 16, 16, generator=seeded(8)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.inference_mode():
+        out = nearest_upsample_conv(x, conv)
+        assert conv._packed_kernel[0][0] == "phases" and torch.equal(nearest_upsample_conv(x, conv), out)
+    assert relative_error(out, plain) < FP32_REORDERING and out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_place_weights_keeps_tied_weights_tied():

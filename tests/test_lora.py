@@ -313,6 +313,34 @@ def test_a_different_set_restores_first_and_the_same_set_changes_nothing(tmp_pat
     assert_bit_identical(model, before)
 
 
+def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path):
+    """The UNet keeps kernels prepacked between calls (ldm.modules.diffusionmodules.util): every merge and
+    restore drops them, as a merged copy may take the address of the one freed before it."""
+    model = tiny_model()
+    names = tiny_names(model)
+    for stem, seed in (("a", 8), ("b", 9)):
+        save_file(tiny_lora(model, names, seed), tmp_path / f"{stem}.safetensors")
+    a, b = read_lora(tmp_path / "a.safetensors"), read_lora(tmp_path / "b.safetensors")
+    x, context = torch.randn(2, 4, 8, 8, generator=seeded(10)), torch.randn(2, 77, 32, generator=seeded(11))
+
+    def output(of):
+        with torch.inference_mode():
+            return of.model.diffusion_model(x, torch.tensor([10, 900]), context)
+
+    def packed(of):
+        return [module for module in of.modules() if "_packed_kernel" in module.__dict__]
+
+    patcher = LoraPatcher(model, log=pytest.fail)
+    output(model)
+    assert packed(model)
+    for selection in ([(a, 1.0, 1.0)], [(b, 1.0, 1.0)], [(a, 1.0, 1.0)], []):
+        patcher.apply(selection)
+        assert not packed(model)
+        fresh = tiny_model()
+        LoraPatcher(fresh, log=pytest.fail).apply(selection)
+        assert torch.equal(output(model), output(fresh)) and packed(model)
+
+
 def test_lowmem_component_gets_the_selected_set_when_converted(tmp_path):
     """select() leaves the weights alone; apply_to_component merges into a converted copy once."""
     model = tiny_model()

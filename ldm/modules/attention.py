@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.cpu import cpu_has_bf16_arithmetic
-from ldm.modules.diffusionmodules.util import Linear, add_to_fresh
+from ldm.modules.diffusionmodules.util import Conv2d, Linear, add_to_fresh
 
 BF16_BY_ROWS_MIN_KEYS = 1024
 BF16_BY_ROWS_SCORES = 1 << 22  # scores one block of query rows holds: 8 MB in bf16
@@ -125,7 +125,7 @@ class SpatialTransformer(nn.Module):
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
-        project = Linear if use_linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
+        project = Linear if use_linear else (lambda i, o: Conv2d(i, o, kernel_size=1))
         self.proj_in = project(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, disable_self_attn)

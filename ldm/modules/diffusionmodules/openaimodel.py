@@ -13,6 +13,7 @@ from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
+    Conv2d,
     add_to_fresh,
     nearest_upsample_conv,
     normalization,
@@ -26,13 +27,13 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, dropout, out_channels=None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         # The Sequentials are unrolled (same layers, same parameter names) so that the SiLUs and the
@@ -48,7 +49,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -57,7 +58,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x, output_size=None):
         # Upsampling to the skip connection's size (not blindly x2) lets odd latent sizes through:
@@ -163,7 +164,7 @@ class UNetModel(nn.Module):
             # The x4 upscaler feeds its noise level here as a class id.
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
         channels, downsample_factor = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -200,7 +201,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(channels), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(channels), nn.SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1))
         )
         # block_runner(block, *args) -> output, when set, runs (or stands in for) every block of forward: the
         # hook through which step caching (ldm.models.diffusion.step_cache) reuses the deep blocks' outputs.

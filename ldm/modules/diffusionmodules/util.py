@@ -94,6 +94,65 @@ def add_to_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return fresh.add_(other) if not torch.is_grad_enabled() else fresh + other
 
 
+PACKED_MAX_ROWS = 2 * 16 * 16
+
+
+def kernel_packing_pays(module: nn.Module, x: torch.Tensor, rows: int) -> bool:
+    """Whether `module` convolves x (rows = pictures x pixels, or tokens) with its kernel prepacked: CPU
+    inference in fp32 over few rows, where oneDNN's reorder of the plain kernel into its blocked layout,
+    otherwise repeated on every call, costs as much as the convolution (the UNet's deepest levels: most of its
+    weights, little arithmetic). Over more rows the plain kernel is as fast, and no packed copy is kept."""
+    if (getattr(module, "packs_kernel", False) and rows <= PACKED_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.float32 and module.weight.dtype == x.dtype
+            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()):
+        return True
+    module.__dict__.pop("_packed_kernel", None)
+    return False
+
+
+def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, stride=(1, 1), dilation=(1, 1),
+                     groups: int = 1, variant: str = "kernel") -> torch.Tensor:
+    """F.conv2d(x, kernel(), bias, ...) with kernel() reordered into oneDNN's blocked layout once and kept on
+    `module` (one packed kernel a module) until its weight, x's shape or the variant changes: bit-identical to
+    the plain call, which does the same reorder every time. The weight is watched by address and version
+    counter; code that swaps weights behind them (LoRA's merge, --lowmem's release) calls forget_packed_kernels."""
+    weight = module.weight
+    key = (variant, weight.data_ptr(), weight._version, tuple(x.shape))
+    packed = module.__dict__.get("_packed_kernel")
+    if packed is None or packed[0] != key:
+        module.__dict__.pop("_packed_kernel", None)  # the stale copy goes before the new one is made
+        packed = (key, torch.ops.mkldnn._reorder_convolution_weight(kernel(), list(padding), list(stride),
+                                                                     list(dilation), groups, list(x.shape)))
+        module.__dict__["_packed_kernel"] = packed
+    return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, list(padding), list(stride), list(dilation),
+                                                   groups, "none", [], "")
+
+
+def forget_packed_kernels(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop("_packed_kernel", None)
+
+
+def keep_kernels_plain(model: nn.Module) -> None:
+    """No packed copies in `model` (--lowmem: its peak is the weights it converts, nothing beside them)."""
+    for module in model.modules():
+        if getattr(module, "packs_kernel", False):
+            module.packs_kernel = False
+    forget_packed_kernels(model)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state-dict keys) whose kernel is prepacked where that pays (above)."""
+
+    packs_kernel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or not kernel_packing_pays(self, x, x.shape[0] * x.shape[-2] * x.shape[-1]):
+            return super().forward(x)
+        return conv2d_prepacked(self, x, lambda: self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                self.groups)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) that runs fp32 CPU inference as a 1×1 convolution.
 
@@ -107,15 +166,19 @@ class Linear(nn.Linear):
     """
 
     MIN_ROWS, MAX_IN_FEATURES = 64, 4096
+    packs_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
-                or rows < self.MIN_ROWS or self.in_features > self.MAX_IN_FEATURES):
+        if rows < self.MIN_ROWS or self.in_features > self.MAX_IN_FEATURES:
+            return super().forward(x)
+        packed = kernel_packing_pays(self, x, rows)
+        if not packed and (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()):
             return super().forward(x)
         image = x.reshape(1, rows, 1, self.in_features).permute(0, 3, 1, 2)
-        kernel = self.weight.reshape(self.out_features, self.in_features, 1, 1)
-        out = F.conv2d(image, kernel, self.bias)
+        def kernel():
+            return self.weight.reshape(self.out_features, self.in_features, 1, 1)
+        out = conv2d_prepacked(self, image, kernel, self.bias, (0, 0)) if packed else F.conv2d(image, kernel(), self.bias)
         return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -131,7 +194,8 @@ def nearest_upsample_conv(x: torch.Tensor, conv: nn.Conv2d, output_size=None) ->
     CPU in fp32 inference all four phases run as one convolution with 4x the output channels (bias included)
     and are interleaved into the channels-last result; equal to the plain way up to fp32 summation order.
     Pictures under PHASES_MIN_PIXELS keep the plain way: there the four phase kernels (16/9 of the weights, made
-    anew each call because weights change in place under LoRA) cost more than the saved arithmetic.
+    anew each call unless they are kept prepacked, as the kernels of few rows are) cost more than the saved
+    arithmetic.
     Layers other than a plain nn.Conv2d (the int8 layers of --precision int8), and convolutions with hooks that
     must see them called (int8 calibration records inputs so), keep the plain way too.
     """
@@ -139,7 +203,7 @@ def nearest_upsample_conv(x: torch.Tensor, conv: nn.Conv2d, output_size=None) ->
     doubled = (2 * height, 2 * width)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
             or height * width < PHASES_MIN_PIXELS
-            or (output_size is not None and tuple(output_size) != doubled) or type(conv) is not nn.Conv2d
+            or (output_size is not None and tuple(output_size) != doubled) or type(conv) not in (nn.Conv2d, Conv2d)
             or conv._forward_pre_hooks or conv._forward_hooks or conv.kernel_size != (3, 3)
             or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
             or conv.padding_mode != "zeros"):
@@ -148,7 +212,10 @@ def nearest_upsample_conv(x: torch.Tensor, conv: nn.Conv2d, output_size=None) ->
     # Output position p of the padded 2×2 convolution reads input rows p-1 and p: even output rows 2i
     # read rows (i-1, i) with taps (k0, k1+k2), odd rows 2i+1 read (i, i+1) with (k0+k1, k2): p = i + phase.
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    phases = F.conv2d(x, _phase_kernels(conv.weight), bias, padding=1)  # [N, 4 x out, H+1, W+1]
+    if kernel_packing_pays(conv, x, batch * height * width):
+        phases = conv2d_prepacked(conv, x, lambda: _phase_kernels(conv.weight), bias, (1, 1), variant="phases")
+    else:
+        phases = F.conv2d(x, _phase_kernels(conv.weight), bias, padding=1)  # [N, 4 x out, H+1, W+1]
     phases = phases.permute(0, 2, 3, 1).reshape(batch, height + 1, width + 1, 2, 2, out_channels)
     out = torch.empty(batch, out_channels, *doubled, dtype=x.dtype, memory_format=torch.channels_last)
     interleaved = out.permute(0, 2, 3, 1).view(batch, height, 2, width, 2, out_channels)
