@@ -1,6 +1,8 @@
 """What this CPU's arithmetic can do, for the paths that run faster on some CPUs than on others."""
 import functools
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -34,3 +36,19 @@ def cpu_bf16_support() -> str:
 def cpu_has_bf16_arithmetic() -> bool:
     """cpu_bf16_support() == "native", probed once: asked on every attention call."""
     return cpu_bf16_support() == "native"
+
+
+def available_cpu_memory() -> int:
+    """Bytes the process can still allocate: MemAvailable (/proc/meminfo), or free pages where there is no /proc."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def total_cpu_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

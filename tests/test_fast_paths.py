@@ -250,6 +250,20 @@ def test_prepacked_kernels_give_the_plain_numbers_and_follow_the_weights(monkeyp
     assert not packed_modules(unet)  # training convolves the plain kernels and keeps no copy
 
 
+def test_kernels_are_packed_only_into_spare_memory(monkeypatch):
+    unet = tiny_model().model.diffusion_model
+    x, t, context = unet_inputs()
+    reserve = 2 * diffusion_util.PACKING_RESERVE_BYTES
+    monkeypatch.setattr(diffusion_util, "total_cpu_memory", lambda: 4 * reserve)  # a quarter of it is the reserve
+    monkeypatch.setattr(diffusion_util, "available_cpu_memory", lambda: reserve)
+    with torch.inference_mode():
+        plain = unet(x, t, context)
+        assert not packed_modules(unet)
+        monkeypatch.setattr(diffusion_util, "available_cpu_memory", lambda: reserve + 1024 ** 2)
+        packed = unet(x, t, context)
+    assert packed_modules(unet) and relative_error(packed, plain) < FP32_REORDERING
+
+
 def test_the_four_phase_kernels_are_kept_prepacked_for_few_rows():
     conv = diffusion_util.Conv2d(24, 40, 3, padding=1)
     x = torch.randn(2, 24, 16, 16, generator=seeded(8)).contiguous(memory_format=torch.channels_last)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ldm.cpu import available_cpu_memory
 from ldm.generate.errors import UserError
 from ldm.models.tiling import TILE_PIXELS, needs_tiling
 
@@ -175,13 +176,7 @@ def available_memory(device: torch.device) -> int:
     """Bytes this run can still allocate on `device`."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_cpu_memory()
 
 
 def largest_fitting(fits, low: int, high: int) -> int | None:

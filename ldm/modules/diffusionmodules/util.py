@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.cpu import available_cpu_memory, total_cpu_memory
+
 
 def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
     """Float64 numpy betas, computed exactly as the original LDM code does (its checkpoints store them)."""
@@ -95,6 +97,10 @@ def add_to_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 PACKED_MAX_ROWS = 2 * 16 * 16
+# Packed copies use spare memory only: what stays available after one is made must hold the rest of a run (a
+# 512² decode, the text encoder, a second model) and whatever else the machine runs. Under it, the plain way.
+PACKING_RESERVE_BYTES = 4 * 1024 ** 3
+PACKING_RESERVE_FRACTION = 0.25  # of the machine's memory, where that is more
 
 
 def kernel_packing_pays(module: nn.Module, x: torch.Tensor, rows: int) -> bool:
@@ -113,19 +119,28 @@ def kernel_packing_pays(module: nn.Module, x: torch.Tensor, rows: int) -> bool:
 def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, stride=(1, 1), dilation=(1, 1),
                      groups: int = 1, variant: str = "kernel") -> torch.Tensor:
     """F.conv2d(x, kernel(), bias, ...) with kernel() reordered into oneDNN's blocked layout once and kept on
-    `module` (one packed kernel a module) until its weight, x's shape or the variant changes: bit-identical to
-    the plain call, which does the same reorder every time. The weight is watched by address and version
+    `module` (one packed kernel a module) until its weight, x's shape or the variant changes, where spare memory
+    allows (room_for_packed_copy): the same oneDNN convolution as the plain call, which reorders every time. The weight is watched by address and version
     counter; code that swaps weights behind them (LoRA's merge, --lowmem's release) calls forget_packed_kernels."""
     weight = module.weight
-    key = (variant, weight.data_ptr(), weight._version, tuple(x.shape))
+    version = None if weight.is_inference() else weight._version  # inference tensors keep no counter
+    key = (variant, weight.data_ptr(), version, tuple(x.shape))
     packed = module.__dict__.get("_packed_kernel")
     if packed is None or packed[0] != key:
         module.__dict__.pop("_packed_kernel", None)  # the stale copy goes before the new one is made
-        packed = (key, torch.ops.mkldnn._reorder_convolution_weight(kernel(), list(padding), list(stride),
+        plain = kernel()
+        if not room_for_packed_copy(plain.numel() * plain.element_size()):
+            return F.conv2d(x, plain, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        packed = (key, torch.ops.mkldnn._reorder_convolution_weight(plain, list(padding), list(stride),
                                                                      list(dilation), groups, list(x.shape)))
         module.__dict__["_packed_kernel"] = packed
     return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, list(padding), list(stride), list(dilation),
                                                    groups, "none", [], "")
+
+
+def room_for_packed_copy(size: int) -> bool:
+    reserve = max(PACKING_RESERVE_BYTES, PACKING_RESERVE_FRACTION * total_cpu_memory())
+    return available_cpu_memory() - size >= reserve
 
 
 def forget_packed_kernels(model: nn.Module) -> None:
