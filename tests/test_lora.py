@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 from conftest import REPO, reference_path  # noqa: E402
 from helpers import diffusers_models, random_state_dict, relative_error, seeded  # noqa: E402
 from ldm.checkpoint import parameters_on_meta  # noqa: E402
+from ldm.modules.diffusionmodules.util import packed_kernels  # noqa: E402
 from ldm.placement import place_weights  # noqa: E402
 from ldm.modules.lora import LoraError, LoraLayer, LoraPatcher, read_lora, rebuild_tucker  # noqa: E402
 from ldm.modules.lora_keys import KOHYA_TEXT, KOHYA_UNET, canonical_name, lora_targets, unet_paths  # noqa: E402
@@ -316,7 +317,7 @@ def test_a_different_set_restores_first_and_the_same_set_changes_nothing(tmp_pat
 def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path):
     """The UNet keeps kernels prepacked between calls (ldm.modules.diffusionmodules.util): every merge and
     restore drops them, as a merged copy may take the address of the one freed before it."""
-    model = tiny_model()
+    model = tiny_model().to(memory_format=torch.channels_last)  # as loaded: the kernels are packed only so
     names = tiny_names(model)
     for stem, seed in (("a", 8), ("b", 9)):
         save_file(tiny_lora(model, names, seed), tmp_path / f"{stem}.safetensors")
@@ -327,18 +328,17 @@ def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path):
         with torch.inference_mode():
             return of.model.diffusion_model(x, torch.tensor([10, 900]), context)
 
-    def packed(of):
-        return [module for module in of.modules() if "_packed_kernel" in module.__dict__]
-
     patcher = LoraPatcher(model, log=pytest.fail)
-    output(model)
-    assert packed(model)
+    output(model), output(model)  # packed from the second call with a shape
+    assert packed_kernels(model)
     for selection in ([(a, 1.0, 1.0)], [(b, 1.0, 1.0)], [(a, 1.0, 1.0)], []):
         patcher.apply(selection)
-        assert not packed(model)
-        fresh = tiny_model()
+        assert not packed_kernels(model)
+        fresh = tiny_model().to(memory_format=torch.channels_last)
         LoraPatcher(fresh, log=pytest.fail).apply(selection)
-        assert torch.equal(output(model), output(fresh)) and packed(model)
+        expected = output(fresh)
+        assert torch.equal(output(model), expected) and torch.equal(output(model), expected)
+        assert packed_kernels(model)
 
 
 def test_lowmem_component_gets_the_selected_set_when_converted(tmp_path):

@@ -110,26 +110,40 @@ def kernel_packing_pays(module: nn.Module, x: torch.Tensor, rows: int) -> bool:
     weights, little arithmetic). Over more rows the plain kernel is as fast, and no packed copy is kept."""
     if (getattr(module, "packs_kernel", False) and rows <= PACKED_MAX_ROWS and x.device.type == "cpu"
             and x.dtype == torch.float32 and module.weight.dtype == x.dtype
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()):
+            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+            and x.is_contiguous(memory_format=torch.channels_last) and plain_call_runs_onednn(x, module)):
         return True
     module.__dict__.pop("_packed_kernel", None)
     return False
+
+
+def plain_call_runs_onednn(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether F.conv2d would convolve x with oneDNN (PyTorch's rule for fp32 CPU tensors) rather than its own
+    kernel for tiny or single-threaded cases: only there does the prepacked call give the plain call's numbers
+    (given a channels-last x, whose output is channels-last either way, as the loader's models run)."""
+    one_by_one = module.weight.dim() != 4 or module.weight.shape[-2:] == (1, 1)  # a Linear's [out, in] is 1×1
+    strided = any(step != 1 for step in getattr(module, "stride", (1,)))
+    return ((strided or not one_by_one or x.shape[0] >= 16 or torch.get_num_threads() > 1)
+            and (x.shape[0] > 1 or x.numel() > 20480 or getattr(module, "groups", 1) > 1))
 
 
 def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, stride=(1, 1), dilation=(1, 1),
                      groups: int = 1, variant: str = "kernel") -> torch.Tensor:
     """F.conv2d(x, kernel(), bias, ...) with kernel() reordered into oneDNN's blocked layout once and kept on
     `module` (one packed kernel a module) until its weight, x's shape or the variant changes, where spare memory
-    allows (room_for_packed_copy): the same oneDNN convolution as the plain call, which reorders every time. The weight is watched by address and version
-    counter; code that swaps weights behind them (LoRA's merge, --lowmem's release) calls forget_packed_kernels."""
+    allows (room_for_packed_copy): the same oneDNN convolution as the plain call, which reorders every time.
+    The weight is watched by address and version counter; code that changes weights behind them (LoRA's
+    merges) calls forget_packed_kernels; --lowmem keeps none (keep_kernels_plain)."""
     weight = module.weight
     version = None if weight.is_inference() else weight._version  # inference tensors keep no counter
     key = (variant, weight.data_ptr(), version, tuple(x.shape))
     packed = module.__dict__.get("_packed_kernel")
-    if packed is None or packed[0] != key:
-        module.__dict__.pop("_packed_kernel", None)  # the stale copy goes before the new one is made
+    if packed is None or packed[0] != key or packed[1] is None:
+        # Packing costs several plain calls (a whole UNet's kernels: a few seconds), so it starts at the second
+        # call with the same kernel and shape: a one-step run never pays it. The stale copy goes first.
+        module.__dict__["_packed_kernel"] = (key, None)
         plain = kernel()
-        if not room_for_packed_copy(plain.numel() * plain.element_size()):
+        if packed is None or packed[0] != key or not room_for_packed_copy(plain.numel() * plain.element_size()):
             return F.conv2d(x, plain, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
         packed = (key, torch.ops.mkldnn._reorder_convolution_weight(plain, list(padding), list(stride),
                                                                      list(dilation), groups, list(x.shape)))
@@ -141,6 +155,12 @@ def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, 
 def room_for_packed_copy(size: int) -> bool:
     reserve = max(PACKING_RESERVE_BYTES, PACKING_RESERVE_FRACTION * total_cpu_memory())
     return available_cpu_memory() - size >= reserve
+
+
+def packed_kernels(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """{layer: its packed kernel} for the layers of `model` that hold one now."""
+    return {module: packed[1] for module in model.modules()
+            if (packed := module.__dict__.get("_packed_kernel")) is not None and packed[1] is not None}
 
 
 def forget_packed_kernels(model: nn.Module) -> None:
@@ -162,7 +182,8 @@ class Conv2d(nn.Conv2d):
     packs_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or not kernel_packing_pays(self, x, x.shape[0] * x.shape[-2] * x.shape[-1]):
+        if (x.dim() != 4 or self.padding_mode != "zeros"
+                or not kernel_packing_pays(self, x, x.shape[0] * x.shape[2] * x.shape[3])):
             return super().forward(x)
         return conv2d_prepacked(self, x, lambda: self.weight, self.bias, self.padding, self.stride, self.dilation,
                                 self.groups)
@@ -177,7 +198,7 @@ class Linear(nn.Linear):
     one-column channels-last image, whose channels-last output is the [..., out] result. Equal to F.linear
     up to fp32 summation order. The matmul stays where it is as fast or faster: under 64 rows (the
     timestep embedding) and over 4096 inputs (oneDNN's 1×1 kernel is 2x slower on the feed-forward's
-    5120 -> 1280 output layer).
+    5120 -> 1280 output layer). Over few rows the kernel is kept prepacked (conv2d_prepacked).
     """
 
     MIN_ROWS, MAX_IN_FEATURES = 64, 4096
@@ -187,13 +208,17 @@ class Linear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows < self.MIN_ROWS or self.in_features > self.MAX_IN_FEATURES:
             return super().forward(x)
-        packed = kernel_packing_pays(self, x, rows)
+        image = x.reshape(1, rows, 1, self.in_features).permute(0, 3, 1, 2)
+        packed = kernel_packing_pays(self, image, rows)
         if not packed and (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()):
             return super().forward(x)
-        image = x.reshape(1, rows, 1, self.in_features).permute(0, 3, 1, 2)
+
         def kernel():
             return self.weight.reshape(self.out_features, self.in_features, 1, 1)
-        out = conv2d_prepacked(self, image, kernel, self.bias, (0, 0)) if packed else F.conv2d(image, kernel(), self.bias)
+        if packed:
+            out = conv2d_prepacked(self, image, kernel, self.bias, (0, 0))
+        else:
+            out = F.conv2d(image, kernel(), self.bias)
         return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
 
 
