@@ -7,7 +7,7 @@ OpenVINO runs diffusers' UNet built from the same file (diffusers' own single-fi
 `openvino.convert_model` and compiled for the CPU with its defaults (latency hint, threads = cores). Ours is the
 UNet as `load_model` places it. Each side runs in its own process (two thread pools in one process steal
 each other's cores), started once per size; the calls alternate between the two processes, one call at a
-time, so a busy neighbour slows both alike. Medians of --repeats calls after one warm-up call each.
+time, so a busy neighbour slows both alike. Medians of --repeats calls after two warm-up calls each.
 --profile prints where each side's time goes: torch.profiler's operators for ours, OpenVINO's per-node
 counters grouped by layer type for theirs. --plain-upsampling adds ours with the upsampling convolutions done
 the plain way; --int8 adds our `--precision int8` UNet and OpenVINO's full static int8 (NNCF, 8 calibration
@@ -151,6 +151,7 @@ def child(args):
         common.use_our_process_settings()
         call = our_call(args)
     output = call()
+    call()  # ours packs its deepest kernels at the second call with a shape (ldm.modules.diffusionmodules.util)
     np.save(args.workdir / f"step-vs-openvino-{args.child}-{args.size}.npy", output.numpy())
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
