@@ -237,12 +237,14 @@ def test_prepacked_kernels_give_the_plain_numbers_and_follow_the_weights(monkeyp
             return unet(x, t, context)
 
     plain = call(0)
-    assert torch.equal(call(), plain) and not packed_modules(unet)  # the first call with a shape: no copy yet
+    for _ in range(diffusion_util.PACK_FROM_CALL - 1):  # the first calls with a shape: no copy yet
+        assert torch.equal(call(), plain) and not packed_modules(unet)
     packed = call()
     assert {type(module) for module in packed_modules(unet)} == {diffusion_util.Conv2d}  # Linear: below
     assert torch.equal(packed, plain) and torch.equal(call(), packed)  # the same oneDNN convolutions
     layer = unet.input_blocks[1][0].in_layers[2]
     assert layer in packed_modules(unet)
+    monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
     with torch.no_grad():
         layer.weight.mul_(2)  # through the parameter: its version counter moves
     doubled = call()
@@ -263,6 +265,7 @@ def test_kernels_are_packed_only_into_spare_memory(monkeypatch):
     reserve = 2 * diffusion_util.PACKING_RESERVE_BYTES
     monkeypatch.setattr(diffusion_util, "total_cpu_memory", lambda: 4 * reserve)  # a quarter of it is the reserve
     monkeypatch.setattr(diffusion_util, "available_cpu_memory", lambda: reserve)
+    monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
     with torch.inference_mode():
         plain = unet(x, t, context)
         unet(x, t, context)
@@ -279,6 +282,7 @@ def test_a_linear_layer_over_few_rows_keeps_its_kernel_prepacked(monkeypatch):
         monkeypatch.setattr(diffusion_util, "PACKED_MAX_ROWS", 0)
         plain = layer(tokens)
         monkeypatch.undo()
+        monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
         assert torch.equal(layer(tokens), plain) and not packed_modules(layer)  # packed from the second call
         packed = layer(tokens)
         assert packed_modules(layer) and torch.equal(packed, plain)
@@ -286,7 +290,8 @@ def test_a_linear_layer_over_few_rows_keeps_its_kernel_prepacked(monkeypatch):
     assert not packed_modules(layer)
 
 
-def test_the_four_phase_kernels_are_kept_prepacked_for_few_rows():
+def test_the_four_phase_kernels_are_kept_prepacked_for_few_rows(monkeypatch):
+    monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
     conv = diffusion_util.Conv2d(24, 40, 3, padding=1)
     x = torch.randn(2, 24, 16, 16, generator=seeded(8)).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 from conftest import REPO, reference_path  # noqa: E402
 from helpers import diffusers_models, random_state_dict, relative_error, seeded  # noqa: E402
 from ldm.checkpoint import parameters_on_meta  # noqa: E402
+from ldm.modules.diffusionmodules import util as diffusion_util  # noqa: E402
 from ldm.modules.diffusionmodules.util import packed_kernels  # noqa: E402
 from ldm.placement import place_weights  # noqa: E402
 from ldm.modules.lora import LoraError, LoraLayer, LoraPatcher, read_lora, rebuild_tucker  # noqa: E402
@@ -314,7 +315,7 @@ def test_a_different_set_restores_first_and_the_same_set_changes_nothing(tmp_pat
     assert_bit_identical(model, before)
 
 
-def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path):
+def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path, monkeypatch):
     """The UNet keeps kernels prepacked between calls (ldm.modules.diffusionmodules.util): every merge and
     restore drops them, as a merged copy may take the address of the one freed before it."""
     model = tiny_model().to(memory_format=torch.channels_last)  # as loaded: the kernels are packed only so
@@ -328,6 +329,7 @@ def test_outputs_follow_each_merged_set_through_the_prepacked_kernels(tmp_path):
         with torch.inference_mode():
             return of.model.diffusion_model(x, torch.tensor([10, 900]), context)
 
+    monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
     patcher = LoraPatcher(model, log=pytest.fail)
     output(model), output(model)  # packed from the second call with a shape
     assert packed_kernels(model)

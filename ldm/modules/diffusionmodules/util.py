@@ -97,6 +97,10 @@ def add_to_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 PACKED_MAX_ROWS = 2 * 16 * 16
+# Packing a whole UNet's kernels costs seconds (mostly the first write of fresh memory), which the calls after it
+# win back a few tenths at a time: a layer is packed at this call with the same kernel and shape, so that runs of
+# a few steps (turbo, LCM) never pay for it and longer runs, further batches and a server do.
+PACK_FROM_CALL = 5
 # Packed copies use spare memory only: what stays available after one is made must hold the rest of a run (a
 # 512² decode, the text encoder, a second model) and whatever else the machine runs. Under it, the plain way.
 PACKING_RESERVE_BYTES = 4 * 1024 ** 3
@@ -139,14 +143,13 @@ def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, 
     key = (variant, weight.data_ptr(), version, tuple(x.shape))
     packed = module.__dict__.get("_packed_kernel")
     if packed is None or packed[0] != key or packed[1] is None:
-        # Packing costs several plain calls (a whole UNet's kernels: a few seconds), so it starts at the second
-        # call with the same kernel and shape: a one-step run never pays it. The stale copy goes first.
-        module.__dict__["_packed_kernel"] = (key, None)
+        calls = 1 + (packed[2] if packed is not None and packed[0] == key else 0)
+        module.__dict__["_packed_kernel"] = (key, None, calls)  # a stale copy goes before a new one is made
         plain = kernel()
-        if packed is None or packed[0] != key or not room_for_packed_copy(plain.numel() * plain.element_size()):
+        if calls < PACK_FROM_CALL or not room_for_packed_copy(plain.numel() * plain.element_size()):
             return F.conv2d(x, plain, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
         packed = (key, torch.ops.mkldnn._reorder_convolution_weight(plain, list(padding), list(stride),
-                                                                     list(dilation), groups, list(x.shape)))
+                                                                     list(dilation), groups, list(x.shape)), calls)
         module.__dict__["_packed_kernel"] = packed
     return torch.ops.mkldnn._convolution_pointwise(x, packed[1], bias, list(padding), list(stride), list(dilation),
                                                    groups, "none", [], "")
