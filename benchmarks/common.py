@@ -5,6 +5,7 @@ writes into the work folder; it is made once and reused. diffusers reads the sam
 single-file conversion functions, configured from the users' original YAML
 (shared/reference/diffusers-offline.md), so both sides run the same weights.
 """
+import argparse
 import os
 import statistics
 import sys
@@ -37,6 +38,19 @@ def use_our_process_settings() -> str:
 
     threads, reuse = use_physical_cores(), keep_freed_memory_for_reuse()
     return f"torch {torch.__version__}, {threads} threads, freed memory kept for reuse: {reuse}"
+
+
+def parse_with_children(parser, ways, child):
+    """The arguments of a benchmark that runs each way in a child process of its own (the hidden --child WAY
+    --size N): in a child, child(args) runs and None is returned; in the parent, our process settings are said."""
+    parser.add_argument("--child", choices=ways, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return None
+    print(use_our_process_settings(), flush=True)
+    return args
 
 
 def seconds(function) -> float:

@@ -57,12 +57,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--calls", type=int, default=8, help="calls a process (more than PACK_FROM_CALL)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-    print(common.use_our_process_settings(), flush=True)
+    args = common.parse_with_children(parser, WAYS, child)
+    if args is None:
+        return
     common.sd1_checkpoint(args.workdir)
     table = []
     for size in args.sizes:

@@ -208,13 +208,9 @@ def main():
                         help="also our --precision int8 UNet and OpenVINO's static int8 (NNCF, needs nncf)")
     parser.add_argument("--bf16", action="store_true",
                         help="also our --precision bf16 UNet and OpenVINO's bf16 inference precision")
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args)
-
-    print(common.use_our_process_settings(), flush=True)
+    args = common.parse_with_children(parser, SIDES, child)
+    if args is None:
+        return
     from ldm.cpu import cpu_bf16_support
 
     print(f"CPU bf16 arithmetic: {cpu_bf16_support()} (native, emulated or none)", flush=True)
