@@ -259,6 +259,24 @@ def test_prepacked_kernels_give_the_plain_numbers_and_follow_the_weights(monkeyp
     assert not packed_modules(unet)  # training convolves the plain kernels and keeps no copy
 
 
+def test_bf16_kernels_are_prepacked_on_cpus_with_bf16_arithmetic_only(monkeypatch):
+    monkeypatch.setattr(diffusion_util, "PACK_FROM_CALL", 2)
+    unet = channels_last_unet().bfloat16()
+    x, t, context = unet_inputs()
+
+    def call(max_rows):
+        monkeypatch.setattr(diffusion_util, "PACKED_MAX_ROWS", max_rows)
+        with torch.inference_mode():
+            return unet(x.bfloat16(), t, context.bfloat16())
+
+    plain = call(0)
+    call(512)
+    packed = call(512)
+    assert torch.equal(packed, plain)
+    kinds = {type(module) for module in packed_modules(unet)}
+    assert kinds == ({diffusion_util.Conv2d} if cpu.cpu_has_bf16_arithmetic() else set())  # Linear: a matmul
+
+
 def test_kernels_are_packed_only_into_spare_memory(monkeypatch):
     unet = channels_last_unet()
     x, t, context = unet_inputs()
