@@ -1,6 +1,6 @@
 """One guided UNet call (batch 2, fp32), ours beside OpenVINO's, on one random full-size SD 1.x checkpoint.
 
-    flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 512 --repeats 3 [--profile]
+    flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 512 --repeats 3 [--profile] [--new-text-each-call]
     flock /tmp/bigmem.lock python benchmarks/step_vs_openvino.py --sizes 256 --int8
 
 OpenVINO runs diffusers' UNet built from the same file (diffusers' own single-file conversion), converted with
@@ -10,7 +10,9 @@ each other's cores), started once per size; the calls alternate between the two 
 time, so a busy neighbour slows both alike. Medians of --repeats calls after
 PACK_FROM_CALL warm-up calls each (ours has packed its deepest kernels by then).
 --profile prints where each side's time goes: torch.profiler's operators for ours, OpenVINO's per-node
-counters grouped by layer type for theirs. --plain-upsampling adds ours with the upsampling convolutions done
+counters grouped by layer type for theirs. Every call of a side has the same text, as the steps of a run do, so
+ours makes the text's keys and values for the cross-attention once; --new-text-each-call adds ours with a new
+text on every call, as on a run's first step. --plain-upsampling adds ours with the upsampling convolutions done
 the plain way; --int8 adds our `--precision int8` UNet and OpenVINO's full static int8 (NNCF, 8 calibration
 batches, SmoothQuant; `pip install nncf`), each as a ratio to its own fp32 and to the other. --bf16 adds our
 `--precision bf16` UNet and OpenVINO's bf16 inference precision (worth it only where the CPU has AVX512_BF16 or
@@ -20,6 +22,7 @@ once.
 """
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -39,7 +42,7 @@ from ldm.modules.diffusionmodules.util import PACK_FROM_CALL  # noqa: E402
 SEED = 42
 TIMESTEP = 801
 CALIBRATION_BATCHES = 8
-SIDES = ("ours", "openvino", "ours-plain-upsampling", "ours-int8", "openvino-int8", "ours-bf16", "openvino-bf16")
+SIDES = ("ours", "openvino", "ours-plain-upsampling", "ours-new-text", "ours-int8", "openvino-int8", "ours-bf16", "openvino-bf16")
 
 
 def step_inputs(size: int):
@@ -64,10 +67,15 @@ def our_call(args):
         quantize_unet(unet)
     latent, timesteps, context = step_inputs(args.size)
     latent, context = latent.to(dtype), context.to(dtype)
+    # ours-new-text: every call's text differs from the call's before, so the cross-attention makes the text's
+    # keys and values anew each time, as the first step of a run does (the first call's is the shared text)
+    texts = [context, torch.randn(context.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(dtype)]
+    calls = itertools.count()
 
     def call():
+        text = texts[next(calls) % 2] if args.child == "ours-new-text" else context
         with torch.inference_mode():
-            return unet(latent, timesteps, context).float()
+            return unet(latent, timesteps, text).float()
     return call
 
 
@@ -204,6 +212,8 @@ def main():
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--plain-upsampling", action="store_true",
                         help="also ours with the upsampling convolutions the plain way (upsample, then 3x3)")
+    parser.add_argument("--new-text-each-call", action="store_true",
+                        help="also ours with the text changing every call (keys and values of the text made anew)")
     parser.add_argument("--int8", action="store_true",
                         help="also our --precision int8 UNet and OpenVINO's static int8 (NNCF, needs nncf)")
     parser.add_argument("--bf16", action="store_true",
@@ -220,6 +230,7 @@ def main():
         # OpenVINO's int8 starts first: its calibration is the largest peak, best met with nothing else resident.
         sides = (["openvino-int8", "ours-int8"] if args.int8 else []) + ["ours", "openvino"] + (
             ["ours-plain-upsampling"] if args.plain_upsampling else []) + (
+            ["ours-new-text"] if args.new_text_each_call else []) + (
             ["ours-bf16", "openvino-bf16"] if args.bf16 else [])
         children = {side: start_child(side, size, args) for side in sides}
         times = {side: [] for side in children}
@@ -246,6 +257,11 @@ def main():
             plain = statistics.median(times["ours-plain-upsampling"])
             print(f"  ours with plain upsampling {plain:.2f} s: four-phase ÷ plain {o / plain:.2f}, outputs' relative "
                   f"difference {relative(outputs['ours'], outputs['ours-plain-upsampling']):.1e}", flush=True)
+        if args.new_text_each_call:
+            new_text = statistics.median(times["ours-new-text"])
+            print(f"  ours with a new text every call {new_text:.2f} s: the same text ÷ a new one {o / new_text:.2f}, "
+                  f"first calls' relative difference {relative(outputs['ours'], outputs['ours-new-text']):.1e}",
+                  flush=True)
         if args.int8:
             ours_int8, theirs_int8 = (statistics.median(times[side]) for side in ("ours-int8", "openvino-int8"))
             print(f"  int8: ours {ours_int8:.2f} s ({ours_int8 / o:.2f}x our fp32), OpenVINO {theirs_int8:.2f} s "

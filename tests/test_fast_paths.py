@@ -252,7 +252,7 @@ def test_prepacked_kernels_give_the_plain_numbers_and_follow_the_weights(monkeyp
     call(), call()
     assert layer in packed_modules(unet)
     layer.weight.data.mul_(0.5)  # behind the counter, as LoRA merges: seen once the copies are forgotten
-    diffusion_util.forget_packed_kernels(unet)
+    diffusion_util.forget_weight_copies(unet)
     assert torch.equal(call(), packed) and torch.equal(call(), packed) and layer in packed_modules(unet)
     with torch.enable_grad():
         unet(x, t, context)
@@ -319,6 +319,53 @@ def test_the_four_phase_kernels_are_kept_prepacked_for_few_rows(monkeypatch):
         assert torch.equal(nearest_upsample_conv(x, conv), out) and packed_modules(conv)
         assert conv._packed_kernel[0][0] == "phases" and torch.equal(nearest_upsample_conv(x, conv), out)
     assert relative_error(out, plain) < FP32_REORDERING and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_text_keys_and_values_are_made_once_for_the_same_text_and_follow_text_and_weights():
+    unet = channels_last_unet()
+    x, t, context = unet_inputs()
+    cross_attention = [block.attn2 for block in unet.modules() if isinstance(block, attention_module.BasicTransformerBlock)]
+    made = []
+
+    def counted(forward):
+        return lambda *args: made.append(1) or forward(*args)
+    for layer in cross_attention:
+        layer.to_k.forward = counted(layer.to_k.forward)  # not a hook: hooked layers run every call
+
+    def call(text, fresh=False):
+        if fresh:  # a model that has kept nothing: what every call computed before
+            diffusion_util.forget_weight_copies(unet)
+            unet.__dict__.pop("_context_before", None)
+        with torch.no_grad():
+            return unet(x, t, text)
+
+    first = call(context, fresh=True)
+    made.clear()
+    assert torch.equal(call(context.clone()), first) and torch.equal(call(context), first) and not made
+    other = torch.randn(context.shape, generator=seeded(3))
+    assert torch.equal(call(other), call(other, fresh=True)) and relative_error(call(other), first) > 1e-3
+    assert torch.equal(call(context), first)
+    context.mul_(2)  # the caller's tensor changed in place: the model compares against a copy of its own
+    assert torch.equal(call(context), call(context, fresh=True))
+    layer = cross_attention[0].to_v
+    with torch.no_grad():
+        layer.weight.mul_(2)  # through the parameter: its version counter moves
+    assert torch.equal(call(context), call(context, fresh=True))
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2, requires_grad=False)  # a new parameter
+    assert torch.equal(call(context), call(context, fresh=True))
+    doubled = call(context)
+    layer.weight.data.mul_(0.5)  # behind the counter, as LoRA merges: seen once the copies are forgotten
+    diffusion_util.forget_weight_copies(unet)
+    assert relative_error(call(context), doubled) > 1e-4
+    made.clear()
+    with torch.enable_grad():
+        unet(x, t, context), unet(x, t, context)
+    assert len(made) == 2 * len(cross_attention)  # training makes them on every call
+    made.clear()
+    with torch.no_grad():
+        cross_attention[0].to_k.register_forward_pre_hook(lambda *_: None)
+        unet(x, t, context), unet(x, t, context)
+    assert len(made) == 2  # the hooked layer runs every call, the others keep theirs
 
 
 def test_place_weights_keeps_tied_weights_tied():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.ddpm_variants import _ImageConditionedDiffusion
+from ldm.modules.attention import same_context_as_before
 from ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
 from ldm.util import instantiate_from_config
@@ -96,7 +97,7 @@ class ControlNet(UNetModel):
                              f"({factor}x the latent's size), not {list(hint.shape)}")
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        context = context.to(dtype)
+        context = same_context_as_before(self, context.to(dtype))
         h = x.to(dtype)
         residuals = []
         for index, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

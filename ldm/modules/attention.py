@@ -2,6 +2,8 @@
 
 Parameter names follow the original checkpoints (to_q/to_k/to_v/to_out, ff.net, norm1..3, proj_in/out).
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,13 +67,58 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        k, v = (self.to_k(x), self.to_v(x)) if context is None else self.keys_and_values(context)
         batch, heads = x.shape[0], self.heads
         q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v, self.attention_in_bf16)
         out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)
         return self.to_out(out)
+
+
+    def keys_and_values(self, context):
+        """to_k(context), to_v(context), kept while the context is the same tensor (`same_context_as_before`)
+        and to_k and to_v hold the same weights: a run sends the same text on every step, so they are made
+        once instead of on every call (exactly the same numbers). Layers with hooks run every call: what
+        hooks them (int8 calibration's observers) wants to see every input."""
+        hooked = any(layer._forward_pre_hooks or layer._forward_hooks for layer in (self.to_k, self.to_v))
+        if torch.is_grad_enabled() or hooked:
+            return self.to_k(context), self.to_v(context)
+        weights = [t for layer in (self.to_k, self.to_v) for t in (*layer.parameters(), *layer.buffers())]
+        kept = self.__dict__.get("_text_keys_and_values")
+        if kept is not None and kept[0] is context and _still_the_same(kept[1], weights):
+            return kept[2]
+        self.__dict__.pop("_text_keys_and_values", None)
+        keys_and_values = self.to_k(context), self.to_v(context)
+        self.__dict__["_text_keys_and_values"] = (context, [_identity(t) for t in weights], keys_and_values)
+        return keys_and_values
+
+
+def same_context_as_before(owner: nn.Module, context):
+    """The context tensor `owner` (a UNet or ControlNet) runs this call on: the one it kept from its last call
+    when equal to it (the same text, as on every step of a run), else a copy of its own of this one, which no
+    caller can change behind it. The cross-attention layers then keep their text's keys and values while the
+    context stays the same tensor (CrossAttention.keys_and_values)."""
+    if context is None or torch.is_grad_enabled():
+        return context
+    before = owner.__dict__.get("_context_before")
+    if (before is not None and before.shape == context.shape and before.dtype == context.dtype
+            and before.device == context.device and torch.equal(before, context)):
+        return before
+    owner.__dict__["_context_before"] = context = context.clone()
+    return context
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What tells a tensor apart from any later one: the object (weakly: a new parameter is a new object even
+    at a freed one's address), its memory and its version counter (inference tensors have none)."""
+    return weakref.ref(tensor), tensor.data_ptr(), None if tensor.is_inference() else tensor._version
+
+
+def _still_the_same(identities: list, tensors: list) -> bool:
+    return len(identities) == len(tensors) and all(
+        ref() is tensor and (address, version) == _identity(tensor)[1:]
+        for (ref, address, version), tensor in zip(identities, tensors))
 
 
 class GEGLU(nn.Module):

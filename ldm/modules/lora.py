@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import load_pickle_weights
-from ldm.modules.diffusionmodules.util import forget_packed_kernels
+from ldm.modules.diffusionmodules.util import forget_weight_copies
 from ldm.modules.lora_keys import KOHYA_TEXT2, TEXT_NAMES, canonical_name, lora_targets
 from ldm.safetensors_reader import SafetensorsError, read_safetensors
 
@@ -241,7 +241,7 @@ class LoraPatcher:
                 parameter = parameters[name]
                 self.originals[name] = (parameter, parameter.data)
                 parameter.data = self._merged(parameter.data.clone(memory_format=torch.preserve_format), parts)
-        forget_packed_kernels(self.model)  # a merged copy may land where the last one was freed
+        forget_weight_copies(self.model)  # a merged copy may land where the last one was freed
         return result
 
     def select(self, loras: list) -> LoraResult:
@@ -266,13 +266,13 @@ class LoraPatcher:
                 if parts is not None and (merged_before is None or merged_before() is not parameter):
                     self._merged(parameter.data, parts)
                     self.merged_in_place[id(parameter)] = weakref.ref(parameter)
-        forget_packed_kernels(module)
+        forget_weight_copies(module)
 
     def restore(self) -> None:
         """Put back every tensor `apply` replaced, bit for bit, and select no LoRA."""
         for parameter, original in self.originals.values():
             parameter.data = original
-        forget_packed_kernels(self.model)
+        forget_weight_copies(self.model)
         self.originals, self.deltas, self.current, self.merged_in_place = {}, {}, [], {}
         self.result = LoraResult()
 

@@ -11,7 +11,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, same_context_as_before
 from ldm.modules.diffusionmodules.util import (
     Conv2d,
     add_to_fresh,
@@ -227,7 +227,7 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y if self.num_classes != "sequential" else y.to(dtype))
         h = x.to(dtype)
-        context = None if context is None else context.to(dtype)
+        context = same_context_as_before(self, None if context is None else context.to(dtype))
 
         skips = []
         for block in self.input_blocks:

@@ -140,7 +140,7 @@ def conv2d_prepacked(module: nn.Module, x: torch.Tensor, kernel, bias, padding, 
     `module` (one packed kernel a module) until its weight, x's shape or the variant changes, where spare memory
     allows (room_for_packed_copy): the same oneDNN convolution as the plain call, which reorders every time.
     The weight is watched by address and version counter; code that changes weights behind them (LoRA's
-    merges) calls forget_packed_kernels; --lowmem keeps none (keep_kernels_plain)."""
+    merges) calls forget_weight_copies; --lowmem keeps none (keep_kernels_plain)."""
     weight = module.weight
     version = None if weight.is_inference() else weight._version  # inference tensors keep no counter
     key = (variant, weight.data_ptr(), version, tuple(x.shape))
@@ -169,9 +169,15 @@ def packed_kernels(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
             if (packed := module.__dict__.get("_packed_kernel")) is not None and packed[1] is not None}
 
 
-def forget_packed_kernels(model: nn.Module) -> None:
+# What layers keep between calls that was made from their weights (packed kernels, the text's keys and values:
+# ldm.modules.attention): code that changes weights behind their version counters drops it all.
+WEIGHT_COPIES = ("_packed_kernel", "_text_keys_and_values")
+
+
+def forget_weight_copies(model: nn.Module) -> None:
     for module in model.modules():
-        module.__dict__.pop("_packed_kernel", None)
+        for name in WEIGHT_COPIES:
+            module.__dict__.pop(name, None)
 
 
 def keep_kernels_plain(model: nn.Module) -> None:
@@ -179,7 +185,7 @@ def keep_kernels_plain(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "packs_kernel", False):
             module.packs_kernel = False
-    forget_packed_kernels(model)
+    forget_weight_copies(model)
 
 
 class Conv2d(nn.Conv2d):
