@@ -75,7 +75,6 @@ class CrossAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)
         return self.to_out(out)
 
-
     def keys_and_values(self, context):
         """to_k(context), to_v(context), kept while the context is the same tensor (`same_context_as_before`)
         and to_k and to_v hold the same weights: a run sends the same text on every step, so they are made
